@@ -1,0 +1,240 @@
+"""Run configuration: one frozen dataclass per section, loaded from YAML plus dotted overrides.
+
+    cfg = load_config("tiny", ["optim.lr=0.01", "priors.s_min=0.15"])
+
+``name`` is a preset in ``ssd/configs/`` or a path to a YAML file. Overrides are ``key=value``
+with dotted keys and YAML-parsed values; an unknown key is an error that names the key and the
+known keys, never a silent no-op (nanoGPT-style configs, but without ``exec``).
+
+The ``priors`` section is a :class:`~ssd.priors.PriorSpec`: ``preset: NAME`` picks a named spec and
+any other field overrides it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ssd.postprocess import PostprocessConfig
+from ssd.priors import PriorSpec, PriorSpecError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    #: one of ssd.models.ARCHITECTURES
+    arch: str = "tiny"
+    #: number of classes including background (label 0)
+    num_classes: int = 21
+    #: local path or URL of backbone weights (a state dict); None trains from scratch
+    backbone_weights: str | None = None
+    #: channel multiplier of the MobileNet / tiny backbones
+    width_mult: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    #: hard negatives kept per positive, per image (paper section 2.2: 3)
+    neg_ratio: float = 3.0
+    #: weight alpha of the localisation term (paper eq. 1: 1)
+    loc_weight: float = 1.0
+    #: IoU at or above which a prior matches a ground-truth box
+    iou_threshold: float = 0.5
+    variances: tuple[float, float] = (0.1, 0.2)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    #: 0 = resize only, 1 = the paper's full policy
+    strength: float = 1.0
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_iters: int = 500
+    #: "multistep" or "cosine"
+    schedule: str = "multistep"
+    #: multistep milestones as fractions of the total training iterations
+    milestones: tuple[float, ...] = (0.67, 0.89)
+    gamma: float = 0.1
+    #: max gradient norm; 0 disables clipping
+    grad_clip: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    seed: int = 0
+    eval_every: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    priors: PriorSpec = field(default_factory=lambda: PriorSpec.preset("tiny"))
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (lists, no tuples) that :func:`config_from_dict` reads back."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            out[f.name] = section.to_dict() if isinstance(section, PriorSpec) else _plain(
+                dataclasses.asdict(section)
+            )
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}`` for logging as run parameters."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+        }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "priors": PriorSpec,
+    "loss": LossConfig,
+    "augment": AugmentConfig,
+    "postprocess": PostprocessConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+}
+
+
+def _field_names(cls: type) -> list[str]:
+    names = [f.name for f in dataclasses.fields(cls)]
+    return names + ["preset"] if cls is PriorSpec else names
+
+
+def _coerce(cls: type, values: dict[str, Any], section: str) -> Any:
+    """Build a section dataclass, turning YAML lists into tuples where the default is a tuple."""
+    unknown = sorted(set(values) - set(_field_names(cls)))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {[f'{section}.{k}' for k in unknown]}; "
+            f"known keys in '{section}': {sorted(_field_names(cls))}"
+        )
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"invalid '{section}' section: {err}") from None
+
+
+def _resolve_priors(values: dict[str, Any]) -> PriorSpec:
+    values = dict(values)
+    preset = values.pop("preset", None)
+    base = PriorSpec.preset(preset).to_dict() if preset else {}
+    explicit_sizes = "min_sizes" in values and values["min_sizes"] is not None
+    inherited_sizes = not explicit_sizes and base.get("min_sizes") is not None and (
+        "min_sizes" not in values
+    )
+    linear_keys = sorted(k for k in ("s_min", "s_max", "first_level_scale") if k in values)
+    if linear_keys and (explicit_sizes or inherited_sizes):
+        # The linear rule is unused while explicit sizes are set: refuse rather than ignore.
+        raise ConfigError(
+            f"priors.{linear_keys[0]} has no effect while priors.min_sizes is set"
+            f"{' by preset ' + repr(preset) if inherited_sizes else ''}; "
+            "add priors.min_sizes=null priors.max_sizes=null to use the linear scale rule"
+        )
+    base.update(values)
+    if preset and "name" not in values:
+        base["name"] = preset if not values else f"{preset}+custom"
+    try:
+        return PriorSpec.from_dict(base)
+    except (PriorSpecError, TypeError) as err:
+        raise ConfigError(f"invalid 'priors' section: {err}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; known sections: {sorted(_SECTIONS)}")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        values = data.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"section '{name}' must be a mapping, got {values!r}")
+        sections[name] = _resolve_priors(values) if cls is PriorSpec else _coerce(cls, values, name)
+    return Config(**sections)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw config dict (values parsed as YAML)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override key {key!r} must be 'section.key'")
+        section, name = parts
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"unknown key {key!r}: no section {section!r}; known sections: {sorted(_SECTIONS)}"
+            )
+        if name not in _field_names(_SECTIONS[section]):
+            raise ConfigError(
+                f"unknown key {key!r}; known keys in '{section}': "
+                f"{sorted(_field_names(_SECTIONS[section]))}"
+            )
+        data.setdefault(section, {})
+        if data[section] is None:
+            data[section] = {}
+        data[section][name] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> Config:
+    """Load a preset name (``ssd/configs/<name>.yaml``) or a YAML path, then apply overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"config {str(name_or_path)!r} not found; presets: {presets}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return config_from_dict(apply_overrides(data, overrides or []))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,101 @@
+"""Batched matching of priors to ground truth (SSD paper, section 2.2 "Matching strategy").
+
+Two steps, both vectorised over the whole batch:
+1. bipartite: every ground-truth box takes the prior it overlaps most (so every object gets at
+   least one positive even when no prior reaches the threshold);
+2. threshold: every other prior takes the ground truth it overlaps most if that IoU is at least
+   ``iou_threshold`` (0.5).
+
+Ties and conflicts follow the reference implementation (ssd.pytorch ``match``): a ground truth's
+best prior is the first one with the maximal IoU; when two ground truths pick the same best prior,
+the one with the higher index keeps it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ssd.boxes import DEFAULT_VARIANCES, box_iou, cxcywh_to_xyxy, encode
+
+
+def match_priors(
+    priors: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_mask: Tensor,
+    iou_threshold: float = 0.5,
+    variances: tuple[float, float] = DEFAULT_VARIANCES,
+) -> tuple[Tensor, Tensor]:
+    """Assign every prior of every image a class label and an encoded box target.
+
+    Args:
+        priors: (P, 4) cxcywh in [0, 1].
+        gt_boxes: (B, G, 4) xyxy in [0, 1], padded to the batch's largest G.
+        gt_labels: (B, G) int64 in 1..C (padding entries are ignored).
+        gt_mask: (B, G) bool, True for real boxes, False for padding.
+        iou_threshold: IoU at or above which a prior is matched (0.5 in the paper).
+        variances: box-encoding variances.
+    Returns:
+        labels: (B, P) int64, 0 for background.
+        box_targets: (B, P, 4) offsets of the matched ground truth (see :func:`ssd.boxes.encode`);
+            meaningful only where ``labels > 0``.
+    """
+    batch, num_gt = gt_labels.shape
+    num_priors = priors.shape[0]
+    if num_gt == 0:  # no ground truth anywhere in the batch
+        labels = gt_labels.new_zeros((batch, num_priors))
+        return labels, priors.new_zeros((batch, num_priors, 4))
+
+    iou = box_iou(gt_boxes, cxcywh_to_xyxy(priors))  # (B, G, P)
+    # Padding rows can never win: -1 is below any real IoU.
+    iou = iou.masked_fill(~gt_mask[:, :, None], -1.0)
+
+    best_gt_iou, best_gt_idx = iou.max(dim=1)  # (B, P): each prior's best ground truth
+    best_prior_idx = iou.argmax(dim=2)  # (B, G): each ground truth's best prior
+
+    # Bipartite step. Padding boxes scatter into a scratch column P that is dropped afterwards;
+    # scatter_reduce("amax") makes the higher ground-truth index win a contested prior
+    # deterministically on every device.
+    gt_index = torch.arange(num_gt, device=gt_labels.device).expand(batch, num_gt)
+    target_prior = torch.where(gt_mask, best_prior_idx, torch.full_like(best_prior_idx, num_priors))
+    forced = torch.full((batch, num_priors + 1), -1, dtype=torch.long, device=gt_labels.device)
+    forced.scatter_reduce_(1, target_prior, gt_index, reduce="amax")
+    forced = forced[:, :num_priors]  # (B, P): forced ground-truth index or -1
+    is_forced = forced >= 0
+    best_gt_idx = torch.where(is_forced, forced, best_gt_idx)
+
+    matched_labels = gt_labels.gather(1, best_gt_idx)  # (B, P)
+    positive = is_forced | (best_gt_iou >= iou_threshold)
+    labels = torch.where(positive, matched_labels, torch.zeros_like(matched_labels))
+
+    matched_boxes = gt_boxes.gather(1, best_gt_idx[..., None].expand(-1, -1, 4))  # (B, P, 4)
+    return labels, encode(matched_boxes, priors, variances)
+
+
+def pad_targets(
+    boxes: list[Tensor], labels: list[Tensor], device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad per-image ground truth to a batch.
+
+    Args:
+        boxes: B tensors (G_i, 4) xyxy.
+        labels: B tensors (G_i,) int64.
+    Returns:
+        gt_boxes (B, G, 4), gt_labels (B, G), gt_mask (B, G) with G = max G_i (at least 1 so
+        shapes stay static-friendly; an all-False mask then means "no ground truth").
+    """
+    batch = len(boxes)
+    max_gt = max([1] + [b.numel() // 4 for b in boxes])
+    dtype = boxes[0].dtype if batch else torch.float32
+    gt_boxes = torch.zeros((batch, max_gt, 4), dtype=dtype)
+    gt_labels = torch.zeros((batch, max_gt), dtype=torch.long)
+    gt_mask = torch.zeros((batch, max_gt), dtype=torch.bool)
+    for i, (b, lab) in enumerate(zip(boxes, labels)):  # O(B) copies, no per-box work
+        n = b.numel() // 4
+        gt_boxes[i, :n] = b.reshape(-1, 4)  # an empty list may arrive as shape (0,)
+        gt_labels[i, :n] = lab
+        gt_mask[i, :n] = True
+    if device is not None:
+        gt_boxes, gt_labels, gt_mask = (t.to(device, non_blocking=True) for t in (gt_boxes, gt_labels, gt_mask))
+    return gt_boxes, gt_labels, gt_mask

@@ -1,0 +1,79 @@
+import torch
+from torchvision.models.detection._utils import SSDMatcher
+
+from ssd.boxes import box_iou, cxcywh_to_xyxy, decode, encode
+from ssd.matching import match_priors, pad_targets
+
+# Four priors along a row (cx, cy, w, h): unit squares of side 0.2 at x = 0.1, 0.3, 0.5, 0.7.
+PRIORS = torch.tensor(
+    [[0.1, 0.5, 0.2, 0.2], [0.3, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2], [0.7, 0.5, 0.2, 0.2]]
+)
+
+
+def _match(boxes, labels, **kw):
+    gt_boxes, gt_labels, gt_mask = pad_targets([torch.tensor(b) for b in boxes], [torch.tensor(lab) for lab in labels])
+    return match_priors(PRIORS, gt_boxes, gt_labels, gt_mask, **kw)
+
+
+def test_threshold_assigns_every_prior_above_05():
+    # GT covers priors 0 and 1 exactly side by side: IoU with each is 0.5 (0.04 / 0.08)
+    labels, targets = _match([[[0.0, 0.4, 0.4, 0.6]]], [[3]])
+    assert labels.tolist() == [[3, 3, 0, 0]]
+    assert torch.allclose(decode(targets[0, :2], PRIORS[:2]), torch.tensor([[0.0, 0.4, 0.4, 0.6]] * 2), atol=1e-6)
+
+
+def test_bipartite_step_forces_the_best_prior_below_threshold():
+    # A small box inside prior 2: IoU 0.01/0.04 = 0.25 < 0.5, still matched to prior 2 only.
+    labels, _ = _match([[[0.45, 0.45, 0.55, 0.55]]], [[7]])
+    assert labels.tolist() == [[0, 0, 7, 0]]
+
+
+def test_contested_best_prior_goes_to_the_later_ground_truth():
+    # Two identical small boxes want prior 2; the later one (label 5) keeps it, as ssd.pytorch.
+    labels, _ = _match([[[0.45, 0.45, 0.55, 0.55], [0.46, 0.45, 0.54, 0.55]]], [[4, 5]])
+    assert labels.tolist() == [[0, 0, 5, 0]]
+
+
+def test_ties_in_best_prior_take_the_first_prior():
+    # Box straddling priors 1 and 2 equally (IoU 1/3 each): the first maximum (prior 1) is forced.
+    labels, _ = _match([[[0.3, 0.4, 0.5, 0.6]]], [[2]])
+    assert labels.tolist() == [[0, 2, 0, 0]]
+
+
+def test_padding_and_empty_images():
+    labels, _ = _match([[[0.45, 0.45, 0.55, 0.55]], []], [[1], []])
+    assert labels.tolist() == [[0, 0, 1, 0], [0, 0, 0, 0]]
+    gt_boxes, gt_labels, gt_mask = pad_targets([torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)])
+    assert gt_mask.shape == (1, 1) and not gt_mask.any()
+    labels, _ = match_priors(PRIORS, gt_boxes, gt_labels, gt_mask)
+    assert labels.tolist() == [[0, 0, 0, 0]]
+
+
+def _random_batch(generator, batch, priors):
+    boxes, labels = [], []
+    for _ in range(batch):
+        n = int(torch.randint(0, 12, (1,), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * 0.7
+        wh = torch.rand(n, 2, generator=generator) * 0.3 + 0.02
+        boxes.append(torch.cat((xy, xy + wh), 1))
+        labels.append(torch.randint(1, 21, (n,), generator=generator))
+    return boxes, labels
+
+
+def test_batched_matching_equals_torchvision_ssd_matcher_per_image():
+    from ssd.priors import PriorSpec
+
+    priors = PriorSpec.preset("tiny").generate()
+    g = torch.Generator().manual_seed(0)
+    boxes, labels = _random_batch(g, 8, priors)
+    out_labels, out_targets = match_priors(priors, *pad_targets(boxes, labels))
+    matcher = SSDMatcher(0.5)
+    for i, (b, lab) in enumerate(zip(boxes, labels)):
+        if len(b) == 0:
+            assert (out_labels[i] == 0).all()
+            continue
+        matches = matcher(box_iou(b, cxcywh_to_xyxy(priors)))  # (P,) gt index or negative
+        expected = torch.where(matches >= 0, lab[matches.clamp(min=0)], 0)
+        assert torch.equal(out_labels[i], expected)
+        pos = matches >= 0
+        assert torch.allclose(out_targets[i][pos], encode(b[matches[pos]], priors[pos]), atol=1e-5)
