@@ -159,15 +159,19 @@ def _resolve_priors(values: dict[str, Any]) -> PriorSpec:
     values = dict(values)
     preset = values.pop("preset", None)
     base = PriorSpec.preset(preset).to_dict() if preset else {}
-    explicit_sizes = "min_sizes" in values and values["min_sizes"] is not None
-    inherited_sizes = not explicit_sizes and base.get("min_sizes") is not None and (
-        "min_sizes" not in values
+    explicit_sizes = values.get("min_sizes") is not None
+    inherited_sizes = "min_sizes" not in values and base.get("min_sizes") is not None
+    defaults = {f.name: f.default for f in dataclasses.fields(PriorSpec)}
+    # Keys of the linear rule that this section changes (a resolved dump repeats the defaults).
+    changed = sorted(
+        k
+        for k in ("s_min", "s_max", "first_level_scale")
+        if k in values and values[k] != base.get(k, defaults[k])
     )
-    linear_keys = sorted(k for k in ("s_min", "s_max", "first_level_scale") if k in values)
-    if linear_keys and (explicit_sizes or inherited_sizes):
+    if changed and (explicit_sizes or inherited_sizes):
         # The linear rule is unused while explicit sizes are set: refuse rather than ignore.
         raise ConfigError(
-            f"priors.{linear_keys[0]} has no effect while priors.min_sizes is set"
+            f"priors.{changed[0]} has no effect while priors.min_sizes is set"
             f"{' by preset ' + repr(preset) if inherited_sizes else ''}; "
             "add priors.min_sizes=null priors.max_sizes=null to use the linear scale rule"
         )

@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` and `make test`. Each creates the venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test test-fast bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --progress-bar off -e '.[test,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## demo: train the tiny SSD on the embedded synthetic data (no download, no GPU)
+demo: venv
+	$(PY) pipelines/quickstart.py
+
+## test: the whole test suite (CPU, a few minutes)
+test: venv
+	$(PY) -m pytest -q
+
+## test-fast: unit tests only, skipping end-to-end runs
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+## bench: side-by-side benchmarks against torchvision; tables in docs/BENCHMARKS.md
+bench: venv
+	$(PY) benchmarks/run_all.py
+
+lint: venv
+	$(VENV)/bin/ruff check ssd pipelines tests benchmarks
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,200 @@
+"""Training and evaluation loops in plain PyTorch (no Ray): each returns a dict of metrics.
+
+The step is short, as detectron2's ``train_loop``: batch -> match on the device -> forward -> loss
+dict -> backward -> step. Scheduling, evaluation, checkpoints and logging are hooks around it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ssd.config import Config, OptimConfig
+from ssd.loss import MultiBoxLoss
+from ssd.matching import match_priors, pad_targets
+from ssd.postprocess import PostprocessConfig, postprocess
+
+Batch = tuple[Tensor, list[dict[str, Tensor]]]
+
+
+def collate(samples: list[tuple[Tensor, dict[str, Tensor]]]) -> Batch:
+    """Stack same-size images (B, 3, S, S); targets stay a list (box counts differ)."""
+    images, targets = zip(*samples)
+    return torch.stack(images), list(targets)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay (paper section 3: lr 1e-3, momentum 0.9, wd 5e-4)."""
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+def lr_factor(cfg: OptimConfig, iteration: int, total_iters: int) -> float:
+    """Multiplier of the base lr: linear warm-up, then multi-step decay or cosine to zero."""
+    warmup = min(cfg.warmup_iters, max(total_iters - 1, 0))
+    if iteration < warmup:
+        return (iteration + 1) / (warmup + 1)
+    if cfg.schedule == "cosine":
+        progress = (iteration - warmup) / max(total_iters - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.schedule == "multistep":
+        passed = sum(iteration >= m * total_iters for m in cfg.milestones)
+        return cfg.gamma**passed
+    raise ValueError(f"optim.schedule must be 'multistep' or 'cosine', got {cfg.schedule!r}")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_iters: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-iteration schedule (call ``step()`` after every optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(cfg, it, total_iters)
+    )
+
+
+class Trainer:
+    """Owns the model, priors, loss and optimizer of one process and runs the step.
+
+    Args:
+        model: an SSD returning (loc (B,P,4), logits (B,P,C)); may be DDP-wrapped.
+        cfg: the resolved run config.
+        device: where the step runs; targets are matched there.
+        amp_dtype: autocast dtype (torch.bfloat16 on GPUs that have it) or None for fp32.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Config,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        device: torch.device | str = "cpu",
+        amp_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.device = torch.device(device)
+        self.amp_dtype = amp_dtype
+        self.priors = cfg.priors.generate(device=self.device)
+        self.criterion = MultiBoxLoss(cfg.loss.neg_ratio, cfg.loss.loc_weight)
+        self.iteration = 0
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def step(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, float]:
+        """One optimisation step on a batch; targets hold ``boxes`` in [0, 1] and ``labels``."""
+        images = images.to(self.device, non_blocking=True)
+        gt_boxes, gt_labels, gt_mask = pad_targets(
+            [t["boxes"] for t in targets], [t["labels"] for t in targets], self.device
+        )
+        labels, box_targets = match_priors(
+            self.priors, gt_boxes, gt_labels, gt_mask, self.cfg.loss.iou_threshold, self.cfg.loss.variances
+        )
+        self.model.train()
+        with self._autocast():
+            loc, logits = self.model(images)
+        losses = self.criterion(loc, logits, labels, box_targets)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at iteration {self.iteration} "
+                f"(loss_loc={losses['loss_loc'].item()}, loss_conf={losses['loss_conf'].item()}); "
+                "lower optim.lr, raise optim.warmup_iters or set optim.grad_clip"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.iteration += 1
+        return {k: float(v.detach()) for k, v in losses.items()} | {"lr": self.optimizer.param_groups[0]["lr"]}
+
+    def train_epoch(
+        self,
+        batches: Iterable[Batch],
+        max_steps: int | None = None,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> dict[str, float]:
+        """Run steps over ``batches`` (at most ``max_steps``); returns the epoch's mean losses
+        and throughput."""
+        totals: dict[str, float] = {}
+        steps = images_seen = 0
+        start = time.perf_counter()
+        for images, targets in batches:
+            if max_steps is not None and steps >= max_steps:
+                break
+            metrics = self.step(images, targets)
+            steps += 1
+            images_seen += images.shape[0]
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v
+            if on_step is not None:
+                on_step(steps, metrics)
+        elapsed = time.perf_counter() - start
+        out = {k: v / max(steps, 1) for k, v in totals.items()}
+        out.update(steps=steps, images=images_seen, images_per_s=images_seen / max(elapsed, 1e-9))
+        return out
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: Tensor,
+    priors: Tensor,
+    params: PostprocessConfig,
+    image_sizes: Tensor | None = None,
+) -> list[dict[str, Tensor]]:
+    """Detections for a batch of network-ready images (B, 3, S, S); boxes in pixels of
+    ``image_sizes`` ((B, 2) height, width) or in [0, 1] when it is None."""
+    model.eval()
+    loc, logits = model(images)
+    return postprocess(loc, logits, priors, params, image_sizes=image_sizes)
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    cfg: Config,
+    evaluator: Any,
+    device: torch.device | str = "cpu",
+) -> Any:
+    """Feed every batch's detections and ground truth to ``evaluator`` (``add`` per image).
+
+    Targets carry ``boxes`` in [0, 1] of the network input (the evaluation transform only
+    resizes), ``labels``, ``image_id`` and ``orig_size`` (H, W); boxes go back to original pixels.
+    Returns the evaluator, so ranks can merge theirs before ``compute()``.
+    """
+    device = torch.device(device)
+    priors = cfg.priors.generate(device=device)
+    for images, targets in batches:
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        detections = predict(model, images.to(device), priors, cfg.postprocess, image_sizes=sizes)
+        for det, target, (height, width) in zip(detections, targets, sizes.tolist()):
+            scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+            evaluator.add(
+                image_id=int(target["image_id"]),
+                width=int(width),
+                height=int(height),
+                gt_boxes=target["boxes"] * scale,
+                gt_labels=target["labels"],
+                det_boxes=det["boxes"].cpu(),
+                det_scores=det["scores"].cpu(),
+                det_labels=det["labels"].cpu(),
+                gt_iscrowd=target.get("iscrowd"),
+                gt_difficult=target.get("difficult"),
+            )
+    return evaluator

@@ -1,0 +1,143 @@
+"""The SSD module and ``build_model``: one factory per architecture holding the paper's layout."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ssd.config import Config
+from ssd.models.base import FeatureExtractor
+from ssd.models.heads import SSDHead
+from ssd.models.mobilenet import MobileNetV1Features, MobileNetV2LiteFeatures
+from ssd.models.tiny import TinyFeatures
+from ssd.models.vgg import VGG16Features, ssd300_extras, ssd512_extras
+from ssd.models.weights import load_backbone_weights
+from ssd.priors import PriorSpec
+
+
+class SSD(nn.Module):
+    """Single Shot MultiBox Detector: feature extractor + per-level prediction heads.
+
+    Attributes:
+        features: backbone + extras returning the source maps.
+        head: the box-offset and class-logit predictors.
+        prior_spec: the priors the outputs are aligned with.
+        num_classes: C, including the background class 0.
+        arch: the architecture name it was built as.
+    """
+
+    def __init__(
+        self,
+        features: FeatureExtractor,
+        head: SSDHead,
+        prior_spec: PriorSpec,
+        num_classes: int,
+        arch: str = "custom",
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.prior_spec = prior_spec
+        self.num_classes = num_classes
+        self.arch = arch
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The pretrainable classification network (what ``backbone_weights`` loads into)."""
+        return self.features.backbone
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images (B, 3, S, S) float, S = prior_spec.image_size ->
+        (loc offsets (B, P, 4), class logits (B, P, num_classes)), P = prior_spec.num_priors(),
+        row p aligned with row p of ``prior_spec.generate()``."""
+        size = self.prior_spec.image_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
+            raise ValueError(
+                f"{self.arch} expects images of shape (B, 3, {size}, {size}) to match its "
+                f"{self.prior_spec.num_priors()} priors, got {tuple(images.shape)}"
+            )
+        return self.head(self.features(images))
+
+
+@dataclass(frozen=True)
+class _Arch:
+    features: Callable[[float], FeatureExtractor]  # width_mult -> extractor
+    separable_heads: bool = False
+
+
+def _vgg(extras: Callable[[], nn.ModuleList], arch: str) -> Callable[[float], FeatureExtractor]:
+    def make(width_mult: float) -> FeatureExtractor:
+        if width_mult != 1.0:
+            raise ValueError(f"model.width_mult is not supported by {arch}, got {width_mult}")
+        return VGG16Features(extras())
+
+    return make
+
+
+_ARCHS: dict[str, _Arch] = {
+    "vgg16_ssd300": _Arch(_vgg(ssd300_extras, "vgg16_ssd300")),
+    "vgg16_ssd512": _Arch(_vgg(ssd512_extras, "vgg16_ssd512")),
+    "mobilenetv1_ssd": _Arch(MobileNetV1Features),
+    "mobilenetv2_ssdlite": _Arch(MobileNetV2LiteFeatures, separable_heads=True),
+    "tiny": _Arch(TinyFeatures),
+}
+ARCHITECTURES: tuple[str, ...] = tuple(_ARCHS)
+
+
+def source_shapes(
+    make_features: Callable[[float], FeatureExtractor], width_mult: float, image_size: int
+) -> list[tuple[int, int, int]]:
+    """(channels, height, width) of every source map for a square input, without any compute:
+    the extractor is built and run on the meta device, which only propagates shapes."""
+    with torch.device("meta"):
+        probe = make_features(width_mult).eval()  # eval: BN accepts a 1x1 map of batch 1
+        with torch.no_grad():
+            maps = probe(torch.empty(1, 3, image_size, image_size))
+    return [(int(m.shape[1]), int(m.shape[2]), int(m.shape[3])) for m in maps]
+
+
+def build_model(cfg: Config) -> SSD:
+    """The SSD named by ``cfg.model.arch`` with heads for ``cfg.priors``.
+
+    Raises ValueError for an unknown arch, fewer than 2 classes, or a prior spec whose
+    ``feature_maps`` differ from the sizes the architecture produces at ``image_size``.
+    """
+    model_cfg, spec = cfg.model, cfg.priors
+    if model_cfg.arch not in _ARCHS:
+        raise ValueError(f"unknown model.arch {model_cfg.arch!r}; known: {ARCHITECTURES}")
+    if model_cfg.num_classes < 2:
+        raise ValueError(
+            f"model.num_classes counts the background class too, so must be >= 2, "
+            f"got {model_cfg.num_classes}"
+        )
+    if not model_cfg.width_mult > 0:
+        raise ValueError(f"model.width_mult must be positive, got {model_cfg.width_mult}")
+    arch = _ARCHS[model_cfg.arch]
+    try:
+        shapes = source_shapes(arch.features, model_cfg.width_mult, spec.image_size)
+    except (RuntimeError, ValueError) as err:  # e.g. an input too small for the strides
+        raise ValueError(
+            f"{model_cfg.arch} cannot process a {spec.image_size}x{spec.image_size} input: {err}"
+        ) from None
+    actual = tuple(h if h == w else (h, w) for _, h, w in shapes)
+    if actual != tuple(spec.feature_maps):
+        raise ValueError(
+            f"prior spec {spec.name!r} does not fit {model_cfg.arch}: at image_size "
+            f"{spec.image_size} the architecture's feature maps are {actual}, but "
+            f"priors.feature_maps is {tuple(spec.feature_maps)}"
+        )
+    head = SSDHead(
+        [c for c, _, _ in shapes],
+        spec.boxes_per_location(),
+        model_cfg.num_classes,
+        separable=arch.separable_heads,
+    )
+    model = SSD(
+        arch.features(model_cfg.width_mult), head, spec, model_cfg.num_classes, model_cfg.arch
+    )
+    if model_cfg.backbone_weights:
+        load_backbone_weights(model, model_cfg.backbone_weights)
+    return model

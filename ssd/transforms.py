@@ -1,0 +1,632 @@
+"""Paired ``(image, target) -> (image, target)`` augmentations and the SSD training preset.
+
+The policy is the SSD paper's (Liu et al. 2016, section 2.2 "Data augmentation" and section 3.6
+"Data augmentation is crucial"), as implemented by the Caffe reference and ssd.pytorch
+``utils/augmentations.py``::
+
+    PhotometricDistort -> Expand (zoom out) -> IoUCrop ("MinIoURandomCrop") -> HorizontalFlip
+        -> Resize -> SanitizeBoxes -> ToRelativeBoxes -> Normalize
+
+Conventions (see docs/DESIGN.md, "Contracts"):
+
+- ``image``: ``uint8`` tensor (3, H, W), RGB, as ``torchvision.io.decode_jpeg`` returns it. Every
+  geometric and colour step keeps it ``uint8`` (cheap to copy, crop and resize); only
+  :class:`Normalize`, the last step, makes it ``float32``.
+- ``target``: a dict with ``"boxes"`` float (N, 4) xyxy in **absolute pixels of the current
+  image** and ``"labels"`` int64 (N,). The other keys in :data:`PER_OBJECT_KEYS` (``difficult``,
+  ``iscrowd``) are per-object tensors of length N, filtered together with the boxes whenever a
+  box is dropped. Every other key (``image_id``, ``width``, ``height``, ...) passes through
+  untouched. N may be 0. Transforms never modify their inputs; they return new dicts.
+- After :class:`ToRelativeBoxes` the boxes are xyxy in [0, 1] of the output image.
+
+``strength`` in [0, 1] is the single knob (``AugmentConfig.strength``): 0 is resize + normalise
+only, bit for bit the evaluation transform; 1 is the paper's policy. In between every random op
+scales monotonically (see each class): its probability is ``strength`` times the paper's, and its
+magnitude range shrinks linearly towards the identity.
+
+Cost (one CPU core, as in a DataLoader worker; 500 x 375 input, 300 x 300 output): about 5 ms
+per sample at strength 1 (colour ops ~3 ms, resize ~1.3 ms), 0.6 ms for the eval transform.
+
+Randomness: every random transform draws from an optional ``torch.Generator`` (the global RNG when
+None), so a seeded generator makes a run reproducible. In DataLoader workers prefer None: torch
+seeds the global RNG differently in each worker, whereas a generator object is copied into every
+worker with the same state and would repeat the same augmentations in each of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from ssd.boxes import box_iou, clip_boxes
+
+Target = dict[str, Any]
+TransformFn = Callable[[Tensor, Target], tuple[Tensor, Target]]
+
+#: Defaults of ``AugmentConfig.mean`` / ``.std`` (ImageNet RGB statistics in [0, 1] units).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: Target keys holding one entry per object; they are filtered together whenever boxes are dropped.
+PER_OBJECT_KEYS: tuple[str, ...] = ("boxes", "labels", "difficult", "iscrowd")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_strength(strength: float) -> float:
+    strength = float(strength)
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    return strength
+
+
+def _select(target: Target, keep: Tensor) -> Target:
+    """New target with every per-object entry indexed by ``keep`` ((N,) bool or int64 indices)."""
+    out = dict(target)
+    for key in PER_OBJECT_KEYS:
+        if key in out:
+            out[key] = out[key][keep]
+    return out
+
+
+def _with_boxes(target: Target, boxes: Tensor) -> Target:
+    out = dict(target)
+    out["boxes"] = boxes
+    return out
+
+
+def check_sample(image: Tensor, target: Target) -> None:
+    """Raise if ``image`` / ``target`` break the input contract (cheap; run once per sample)."""
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise TypeError(
+            f"image must be a uint8 (3, H, W) RGB tensor, got {image.dtype} {tuple(image.shape)}"
+        )
+    boxes = target.get("boxes")
+    if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[1] != 4:
+        shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+        raise ValueError(f"target['boxes'] must be a (N, 4) xyxy tensor, got {shape}")
+    if not boxes.is_floating_point():
+        raise TypeError(f"target['boxes'] must be floating point, got {boxes.dtype}")
+    n = boxes.shape[0]
+    for key in PER_OBJECT_KEYS:
+        value = target.get(key)
+        if value is not None and (not isinstance(value, Tensor) or value.shape[:1] != (n,)):
+            raise ValueError(f"target[{key!r}] must be a tensor of length N={n} like the boxes")
+
+
+# --------------------------------------------------------------------------------------------
+# functional core: deterministic, exact, testable by hand
+
+
+def hflip(image: Tensor, target: Target) -> tuple[Tensor, Target]:
+    """Mirror left-right. Boxes (N, 4) xyxy pixels: ``x1, x2 -> W - x2, W - x1``."""
+    width = image.shape[-1]
+    x1, y1, x2, y2 = target["boxes"].unbind(-1)
+    # Swap x1/x2 while mirroring so the box stays x1 <= x2.
+    boxes = torch.stack((width - x2, y1, width - x1, y2), dim=-1)
+    return image.flip(-1), _with_boxes(target, boxes)
+
+
+def expand(
+    image: Tensor, target: Target, canvas_size: tuple[int, int], top: int, left: int,
+    fill: Sequence[int],
+) -> tuple[Tensor, Target]:
+    """Paste ``image`` at (top, left) on a (canvas_h, canvas_w) canvas of colour ``fill``.
+
+    The paper's "zoom out" (section 3.6): objects get smaller relative to the network input.
+
+    Args:
+        image: (C, H, W); ``canvas_size`` must hold it at (top, left).
+        target: boxes (N, 4) xyxy pixels of ``image``; returned shifted by (left, top).
+        fill: one value per channel, in the image's dtype units (0..255 for uint8).
+    """
+    channels, height, width = image.shape
+    canvas_h, canvas_w = canvas_size
+    if top < 0 or left < 0 or top + height > canvas_h or left + width > canvas_w:
+        raise ValueError(
+            f"a {height}x{width} image at (top={top}, left={left}) does not fit a "
+            f"{canvas_h}x{canvas_w} canvas"
+        )
+    canvas = torch.empty((channels, canvas_h, canvas_w), dtype=image.dtype)
+    canvas.copy_(torch.tensor(fill, dtype=image.dtype).view(channels, 1, 1))  # broadcast fill
+    canvas[:, top : top + height, left : left + width] = image
+    boxes = target["boxes"]
+    offset = torch.tensor([left, top, left, top], dtype=boxes.dtype)
+    return canvas, _with_boxes(target, boxes + offset)
+
+
+def crop(image: Tensor, target: Target, rect: Sequence[int] | Tensor) -> tuple[Tensor, Target]:
+    """Crop to ``rect`` = (x1, y1, x2, y2) integer pixels, half-open: columns x1..x2-1.
+
+    As in the reference implementations a box is kept only if its centre lies strictly inside
+    the crop; it is then clipped to the crop and expressed in the crop's pixels. Dropped boxes take
+    their per-object entries (labels, flags) with them.
+
+    Returns:
+        image (C, y2 - y1, x2 - x1) (a view of ``image``), target with boxes (N', 4) xyxy pixels.
+    """
+    x1, y1, x2, y2 = (int(v) for v in rect)
+    boxes = target["boxes"]
+    corner = torch.tensor([x1, y1], dtype=boxes.dtype)
+    far = torch.tensor([x2, y2], dtype=boxes.dtype)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # (N, 2)
+    keep = ((centres > corner) & (centres < far)).all(dim=1)  # (N,)
+    out = _select(target, keep)
+    out["boxes"] = clip_boxes(out["boxes"] - corner.repeat(2), y2 - y1, x2 - x1)
+    return image[:, y1:y2, x1:x2], out
+
+
+def resize(image: Tensor, target: Target, size: tuple[int, int]) -> tuple[Tensor, Target]:
+    """Warp to (out_h, out_w) ignoring the aspect ratio (as SSD does), bilinear with antialias.
+
+    Works on uint8 directly (torchvision's native uint8 path). Boxes (N, 4) xyxy pixels are scaled
+    to the output's pixels.
+    """
+    height, width = image.shape[-2:]
+    out_h, out_w = size
+    if (height, width) != (out_h, out_w):
+        image = F.resize(
+            image, [out_h, out_w], interpolation=InterpolationMode.BILINEAR, antialias=True
+        )
+    boxes = target["boxes"]
+    sx, sy = out_w / width, out_h / height
+    return image, _with_boxes(target, boxes * torch.tensor([sx, sy, sx, sy], dtype=boxes.dtype))
+
+
+def _rgb_to_hcv(image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(3, H, W) float RGB (any scale) -> hue*6 in [0, 6), chroma C = max - min, value V = max.
+
+    Chroma instead of saturation (S = C / V) saves a division both ways, and the formulas are
+    scale-free, so the image stays in 0..255 units. The sextant is picked with float 0/1 masks
+    from ``sign`` instead of ``max(dim=0)`` indices or bool ``where``: on CPU those are 2x (where)
+    to 10x (argmax over the channel dim) slower than this whole function.
+    """
+    r, g, b = image.unbind(0)
+    value = torch.maximum(torch.maximum(r, g), b)  # (H, W)
+    chroma = value - torch.minimum(torch.minimum(r, g), b)
+    # 1 where the channel is the maximum (V - x >= 0, so sign is 0 or 1); ties go to R, then G,
+    # and at ties either formula gives the same hue.
+    is_r = 1 - torch.sign(value - r)
+    is_g = (1 - torch.sign(value - g)) * (1 - is_r)
+    is_b = 1 - is_r - is_g
+    # Grey pixels (C = 0) get hue 0 (numerators are 0 there).
+    hue6 = (is_r * (g - b) + is_g * (b - r) + is_b * (r - g)) / chroma.clamp_min(1e-6)
+    hue6 = hue6 + 2 * is_g + 4 * is_b
+    return _mod6(hue6), chroma, value
+
+
+def _mod6(x: Tensor) -> Tensor:
+    """x mod 6 in [0, 6) (floor-based; faster than ``%`` on CPU)."""
+    return x - 6 * torch.floor(x * (1 / 6))
+
+
+def _hcv_to_rgb(hue6: Tensor, chroma: Tensor, value: Tensor) -> Tensor:
+    """Inverse of :func:`_rgb_to_hcv` by the closed-form HSV -> RGB: channel (R, G, B) =
+    V - C * clamp(min(k, 4 - k), 0, 1) with k = (n + 6 H) mod 6 and n = 5, 3, 1. -> (3, H, W)."""
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=hue6.dtype).view(3, 1, 1)
+    k = _mod6(n + hue6)  # (3, H, W)
+    return value - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
+
+
+def photometric_distort(
+    image: Tensor,
+    brightness: float | None = None,
+    contrast: float | None = None,
+    saturation: float | None = None,
+    hue: float | None = None,
+    contrast_first: bool = True,
+) -> Tensor:
+    """The reference's colour ops with fixed parameters; None skips an op.
+
+    Order as in ssd.pytorch ``PhotometricDistort``: brightness, then either (contrast, saturation,
+    hue) or (saturation, hue, contrast). Values saturate to [0, 255] after every op as in the
+    Caffe reference (which works on 8-bit images); the result is rounded once at the end.
+
+    Args:
+        image: uint8 (3, H, W) RGB.
+        brightness: added to every pixel, in 0..255 units.
+        contrast: every pixel multiplied by it (the reference scales; no blend with a mean).
+        saturation: HSV saturation multiplied by it.
+        hue: HSV hue shifted by it, in degrees.
+    Returns:
+        uint8 (3, H, W); ``image`` itself when every op is None.
+    """
+    if image.dtype != torch.uint8:
+        raise TypeError(f"photometric_distort expects a uint8 image, got {image.dtype}")
+    if brightness is None and contrast is None and saturation is None and hue is None:
+        return image
+    x = image.to(torch.float32)  # a new tensor: the in-place ops below never touch ``image``
+    if brightness is not None:
+        x = x.add_(brightness).clamp_(0, 255)
+    if contrast is not None and contrast_first:
+        x = x.mul_(contrast).clamp_(0, 255)
+    if hue is not None:
+        h6, c, v = _rgb_to_hcv(x)
+        if saturation is not None:
+            # S = C / V, so scaling S and saturating it at 1 is scaling C and capping it at V.
+            c = torch.minimum(c * saturation, v)
+        x = _hcv_to_rgb(h6 + hue / 60.0, c, v).clamp_(0, 255)
+    elif saturation is not None:
+        # Saturation alone keeps H and V, and every channel is V - C * (a function of H), so
+        # the channels' distances to V scale with C: no hue needed (about twice as fast).
+        r, g, b = x.unbind(0)
+        v = torch.maximum(torch.maximum(r, g), b)
+        c = v - torch.minimum(torch.minimum(r, g), b)
+        gain = torch.minimum(c * saturation, v) / c.clamp_min(1e-6)
+        x = (v - (v - x) * gain).clamp_(0, 255)
+    if contrast is not None and not contrast_first:
+        x = x.mul_(contrast).clamp_(0, 255)
+    return x.round_().to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# random transforms (the paper's policy, scaled by strength)
+
+
+class RandomTransform:
+    """Base of the random transforms: holds ``strength`` and the optional generator."""
+
+    def __init__(self, strength: float = 1.0, *, generator: torch.Generator | None = None) -> None:
+        self.strength = _check_strength(strength)
+        self.generator = generator
+
+    def _rand(self, *shape: int) -> Tensor:
+        """Uniform [0, 1) float32 draws from this transform's generator (global RNG if None)."""
+        return torch.rand(*shape, generator=self.generator)
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(strength={self.strength})"
+
+
+class PhotometricDistort(RandomTransform):
+    """Random brightness, contrast, saturation and hue (the paper's "photo-metric distortions").
+
+    At strength 1, as ssd.pytorch / the Caffe reference: each op with probability 0.5;
+    brightness delta U(-32, 32); contrast U(0.5, 1.5); saturation U(0.5, 1.5); hue delta
+    U(-18, 18) degrees; contrast before or after the HSV ops with probability 0.5 each.
+    ssd.pytorch's extra random channel swap is left out, as in the Caffe SSD recipe
+    (``random_order_prob: 0``).
+
+    Strength s: each probability is 0.5 s; the deltas are scaled by s and the factor ranges
+    shrink to [1 - 0.5 s, 1 + 0.5 s]. The target is unchanged.
+    """
+
+    def __init__(
+        self,
+        strength: float = 1.0,
+        *,
+        generator: torch.Generator | None = None,
+        p: float = 0.5,
+        brightness_delta: float = 32.0,
+        contrast_range: tuple[float, float] = (0.5, 1.5),
+        saturation_range: tuple[float, float] = (0.5, 1.5),
+        hue_delta: float = 18.0,
+    ) -> None:
+        super().__init__(strength, generator=generator)
+        s = self.strength
+        self.p = p * s
+        self.brightness_delta = brightness_delta * s
+        self.contrast_range = (1 - (1 - contrast_range[0]) * s, 1 + (contrast_range[1] - 1) * s)
+        self.saturation_range = (
+            1 - (1 - saturation_range[0]) * s, 1 + (saturation_range[1] - 1) * s
+        )
+        self.hue_delta = hue_delta * s
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        u = self._rand(9).tolist()  # 4 gates, 4 magnitudes, 1 order
+        p = self.p
+
+        def uniform(lo: float, hi: float, t: float) -> float:
+            return lo + (hi - lo) * t
+
+        d, (clo, chi), (slo, shi), hd = (
+            self.brightness_delta, self.contrast_range, self.saturation_range, self.hue_delta
+        )
+        image = photometric_distort(
+            image,
+            brightness=uniform(-d, d, u[1]) if u[0] < p else None,
+            contrast=uniform(clo, chi, u[3]) if u[2] < p else None,
+            saturation=uniform(slo, shi, u[5]) if u[4] < p else None,
+            hue=uniform(-hd, hd, u[7]) if u[6] < p else None,
+            contrast_first=u[8] < 0.5,
+        )
+        return image, target
+
+
+class Expand(RandomTransform):
+    """Zoom out: place the image at a random spot of a canvas ``ratio`` times larger per side,
+    filled with the mean colour (paper section 3.6: "zoom out", up to 16x the area).
+
+    At strength 1: probability 0.5, ratio U(1, 4), as ssd.pytorch ``Expand``. Strength s:
+    probability 0.5 s, ratio U(1, 1 + 3 s). Boxes (N, 4) xyxy pixels are shifted by the offset.
+    """
+
+    def __init__(
+        self,
+        strength: float = 1.0,
+        *,
+        generator: torch.Generator | None = None,
+        p: float = 0.5,
+        max_ratio: float = 4.0,
+        fill: Sequence[float] = IMAGENET_MEAN,
+    ) -> None:
+        super().__init__(strength, generator=generator)
+        self.p = p * self.strength
+        self.max_ratio = 1 + (max_ratio - 1) * self.strength
+        # The fill is the mean colour so that it normalises to ~0, as the reference's.
+        self.fill = tuple(round(255 * float(m)) for m in fill)
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        gate, r, ty, tx = self._rand(4).tolist()
+        if gate >= self.p:
+            return image, target
+        height, width = image.shape[-2:]
+        ratio = 1 + (self.max_ratio - 1) * r
+        canvas_h, canvas_w = int(height * ratio), int(width * ratio)
+        top, left = int((canvas_h - height) * ty), int((canvas_w - width) * tx)
+        return expand(image, target, (canvas_h, canvas_w), top, left, self.fill)
+
+
+#: ``ZoomOut`` is the paper's name for :class:`Expand` (torchvision v2 calls it RandomZoomOut).
+ZoomOut = Expand
+
+
+class IoUCrop(RandomTransform):
+    """The paper's patch sampling (section 2.2), ssd.pytorch's ``RandomSampleCrop``.
+
+    Options, as the Caffe reference's batch samplers: the whole image; a patch whose IoU with some
+    object is at least 0.1, 0.3, 0.5, 0.7 or 0.9; or any patch. A patch has sides U(0.3, 1) of the
+    image's and aspect h/w in [0.5, 2]. A patch is valid only if some box's centre lies inside it
+    and, for a min-IoU option, one of those boxes reaches the IoU. Each option gets up to 50
+    tries; as in Caffe, the option is drawn uniformly among those that found a patch (the whole
+    image always does), which is also ssd.pytorch's "retry another option" loop in distribution,
+    but bounded. With no boxes nothing can satisfy a constraint and the image is kept whole.
+
+    All tries of all options are drawn at once and tested with one (K, T, N) IoU, no Python loop.
+
+    Strength s: the sampler runs with probability s (otherwise the whole image), and the minimum
+    patch side is 1 - 0.7 s of the image's.
+    """
+
+    #: None = the whole image; 0.0 = any patch (centre constraint only).
+    DEFAULT_OPTIONS: tuple[float | None, ...] = (None, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
+
+    def __init__(
+        self,
+        strength: float = 1.0,
+        *,
+        generator: torch.Generator | None = None,
+        options: Sequence[float | None] = DEFAULT_OPTIONS,
+        min_scale: float = 0.3,
+        aspect_range: tuple[float, float] = (0.5, 2.0),
+        trials: int = 50,
+    ) -> None:
+        super().__init__(strength, generator=generator)
+        self.options = tuple(options)
+        self.min_ious = [o for o in self.options if o is not None]
+        self.whole = None in self.options
+        self.min_scale = 1 - (1 - min_scale) * self.strength
+        self.aspect_range = aspect_range
+        self.trials = trials
+
+    def sample_rects(
+        self, boxes: Tensor, height: int, width: int, min_ious: Sequence[float]
+    ) -> tuple[Tensor, Tensor]:
+        """Try ``trials`` random patches for each min IoU at once.
+
+        Args:
+            boxes: (N, 4) xyxy pixels.
+            min_ious: K thresholds (0 = any patch holding a box centre).
+        Returns:
+            rects (K, 4) int64 xyxy pixels, half-open (the first valid try of each option), and
+            found (K,) bool; a row of ``rects`` means nothing where ``found`` is False.
+        """
+        k, t = len(min_ious), self.trials
+        u = self._rand(k, t, 4).to(boxes.dtype)  # (K, T, 4): w, h, left, top
+        lo = self.min_scale
+        w = width * (lo + (1 - lo) * u[..., 0])  # (K, T)
+        h = height * (lo + (1 - lo) * u[..., 1])
+        left = ((width - w) * u[..., 2]).floor()
+        top = ((height - h) * u[..., 3]).floor()
+        # Integer pixels, as the reference's int(left), int(left + w).
+        rects = torch.stack((left, top, (left + w).floor(), (top + h).floor()), dim=-1)
+        aspect = h / w
+        ok = (aspect >= self.aspect_range[0]) & (aspect <= self.aspect_range[1])
+        ok &= (rects[..., 2] > rects[..., 0]) & (rects[..., 3] > rects[..., 1])
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # (N, 2)
+        inside = (
+            (centres > rects[..., None, :2]) & (centres < rects[..., None, 2:])
+        ).all(dim=-1)  # (K, T, N)
+        iou = box_iou(rects, boxes)  # (K, T, N)
+        thresholds = torch.tensor(min_ious, dtype=iou.dtype).view(k, 1, 1)
+        ok &= (inside & (iou >= thresholds)).any(dim=-1)  # (K, T)
+        first = ok.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximum
+        return rects[torch.arange(k), first].to(torch.int64), ok.any(dim=1)
+
+    def sample_rect(
+        self, boxes: Tensor, height: int, width: int, min_iou: float
+    ) -> Tensor | None:
+        """One option: (4,) int64 xyxy patch in pixels, or None if ``trials`` tries all failed."""
+        rects, found = self.sample_rects(boxes, height, width, [min_iou])
+        return rects[0] if bool(found[0]) else None
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        gate, pick = self._rand(2).tolist()
+        boxes = target["boxes"]
+        if gate >= self.strength or boxes.shape[0] == 0 or not self.min_ious:
+            return image, target
+        height, width = image.shape[-2:]
+        rects, found = self.sample_rects(boxes, height, width, self.min_ious)
+        # Choose uniformly among the options that succeeded (at most 7: not a loop over boxes).
+        candidates: list[Tensor | None] = [None] if self.whole else []
+        candidates += [rect for rect, ok in zip(rects, found.tolist(), strict=True) if ok]
+        if not candidates:
+            return image, target
+        rect = candidates[int(pick * len(candidates))]
+        if rect is None:
+            return image, target
+        return crop(image, target, rect)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(strength={self.strength}, options={self.options})"
+
+
+class HorizontalFlip(RandomTransform):
+    """Mirror left-right with probability 0.5 s (0.5 at strength 1, as the reference)."""
+
+    def __init__(
+        self, strength: float = 1.0, *, generator: torch.Generator | None = None, p: float = 0.5
+    ) -> None:
+        super().__init__(strength, generator=generator)
+        self.p = p * self.strength
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        if self._rand(1).item() >= self.p:
+            return image, target
+        return hflip(image, target)
+
+
+# --------------------------------------------------------------------------------------------
+# deterministic finishing steps
+
+
+class Resize:
+    """Warp to (size, size) (or (h, w)), bilinear with antialias; boxes scaled, still pixels."""
+
+    def __init__(self, size: int | tuple[int, int]) -> None:
+        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        return resize(image, target, self.size)
+
+    def __repr__(self) -> str:
+        return f"Resize(size={self.size})"
+
+
+class SanitizeBoxes:
+    """Clip boxes to the image, then drop those narrower or shorter than ``min_size`` pixels
+    (and non-finite ones) with their per-object entries.
+
+    Placed after :class:`Resize`, so ``min_size`` is in output pixels: 1 px of a 300 x 300 input
+    is 1/300 in [0, 1]. Such boxes would otherwise become huge ``log(w / prior_w)`` targets.
+    """
+
+    def __init__(self, min_size: float = 1.0) -> None:
+        self.min_size = min_size
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        height, width = image.shape[-2:]
+        boxes = target["boxes"]
+        clipped = clip_boxes(boxes, height, width)
+        wh = clipped[:, 2:] - clipped[:, :2]  # (N, 2)
+        keep = (wh >= self.min_size).all(dim=1) & torch.isfinite(boxes).all(dim=1)
+        out = _select(target, keep)
+        out["boxes"] = clipped[keep]
+        return image, out
+
+    def __repr__(self) -> str:
+        return f"SanitizeBoxes(min_size={self.min_size})"
+
+
+class ToRelativeBoxes:
+    """Boxes (N, 4) xyxy pixels -> float32 xyxy in [0, 1] of the current image."""
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        height, width = image.shape[-2:]
+        boxes = target["boxes"].to(torch.float32)
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        return image, _with_boxes(target, boxes / scale)
+
+    def __repr__(self) -> str:
+        return "ToRelativeBoxes()"
+
+
+class Normalize:
+    """uint8 (3, H, W) -> float32 ``(x / 255 - mean) / std``; mean and std in [0, 1] units."""
+
+    def __init__(
+        self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> None:
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        # Folded into one subtract and one multiply in 0..255 units.
+        self._shift = torch.tensor(self.mean).view(3, 1, 1) * 255
+        self._scale = 1 / (torch.tensor(self.std).view(3, 1, 1) * 255)
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        if image.dtype != torch.uint8:
+            raise TypeError(f"Normalize expects a uint8 image, got {image.dtype}")
+        return image.to(torch.float32).sub_(self._shift).mul_(self._scale), target
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std})"
+
+
+class Compose:
+    """Apply transforms in order; checks the input sample against the contract first."""
+
+    def __init__(self, transforms: Iterable[TransformFn]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        check_sample(image, target)
+        for transform in self.transforms:
+            image, target = transform(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        body = "".join(f"\n    {t!r}," for t in self.transforms)
+        return f"Compose([{body}\n])"
+
+
+def build_transform(
+    size: int,
+    strength: float = 1.0,
+    train: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    generator: torch.Generator | None = None,
+    min_size: float = 1.0,
+) -> Compose:
+    """The SSD augmentation preset (train) or resize + normalise (eval).
+
+    The keyword names match ``AugmentConfig``, so
+    ``build_transform(300, train=True, **dataclasses.asdict(cfg.augment))`` works.
+
+    Args:
+        size: output side S; the image is warped to (3, S, S) as in SSD300 / SSD512.
+        strength: 0..1, see the module docstring; ignored when ``train`` is False. At 0 the
+            output equals the eval transform's bit for bit.
+        mean, std: per-channel RGB statistics in [0, 1] units; the mean is also the zoom-out fill.
+        generator: shared by all random steps (None: torch's global RNG, right for DataLoader
+            workers).
+        min_size: boxes narrower or shorter than this many output pixels are dropped (in both
+            modes, so that strength 0 and eval agree).
+    Returns:
+        A callable ``(uint8 (3, H, W), target with boxes (N, 4) xyxy pixels)`` ->
+        ``(float32 (3, S, S), target with boxes (N', 4) float32 xyxy in [0, 1])``.
+    """
+    finish: list[TransformFn] = [
+        Resize(size), SanitizeBoxes(min_size), ToRelativeBoxes(), Normalize(mean, std)
+    ]
+    if not train:
+        return Compose(finish)
+    strength = _check_strength(strength)
+    return Compose([
+        PhotometricDistort(strength, generator=generator),
+        Expand(strength, generator=generator, fill=mean),
+        IoUCrop(strength, generator=generator),
+        HorizontalFlip(strength, generator=generator),
+        *finish,
+    ])
