@@ -20,19 +20,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
-from ssd.config import load_config  # noqa: E402
-from ssd.data.synthetic import CLASSES, SyntheticDetection  # noqa: E402
-from ssd.engine import Trainer, build_optimizer, build_scheduler, collate, evaluate  # noqa: E402
-from ssd.evaluate import CocoEvaluator  # noqa: E402
-from ssd.models import build_model  # noqa: E402
-from ssd.transforms import build_transform  # noqa: E402
+from ssd.config import load_config
+from ssd.data.synthetic import CLASSES, SyntheticDetection
+from ssd.engine import Trainer, build_optimizer, build_scheduler, collate, evaluate
+from ssd.evaluate import CocoEvaluator
+from ssd.models import build_model
+from ssd.transforms import build_transform
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny", help="preset name or YAML path (default: tiny)")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--train-images", type=int, default=768)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--train-images", type=int, default=1536)
     parser.add_argument("--val-images", type=int, default=128)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
     parser.add_argument("--smoke-test", action="store_true", help="2 epochs of a few steps")
@@ -66,9 +66,9 @@ def main(args: argparse.Namespace) -> dict:
     train_tf = build_transform(size, cfg.augment.strength, train=True, mean=cfg.augment.mean, std=cfg.augment.std)
     # min_size=0: evaluation keeps every annotated object, however small at the network size.
     eval_tf = build_transform(size, 0.0, train=False, mean=cfg.augment.mean, std=cfg.augment.std, min_size=0.0)
-    train_loader = _loader(SyntheticDetection(args.train_images, seed=cfg.train.seed, transform=train_tf), cfg.train.batch_size, True, args.workers)
+    train_loader = _loader(SyntheticDetection(args.train_images, seed=cfg.train.seed, transform=train_tf, cache=True), cfg.train.batch_size, True, args.workers)
     # A different seed: validation images are never seen in training.
-    val_loader = _loader(SyntheticDetection(args.val_images, seed=cfg.train.seed + 10_000, transform=eval_tf), cfg.train.batch_size, False, 0)
+    val_loader = _loader(SyntheticDetection(args.val_images, seed=cfg.train.seed + 10_000, transform=eval_tf, cache=True), cfg.train.batch_size, False, 0)
 
     model = build_model(cfg).to(device)
     optimizer = build_optimizer(model, cfg.optim)

@@ -36,3 +36,17 @@ def test_dataset_applies_transform_and_carries_ids():
     assert image.dtype == torch.float32
     assert int(target["image_id"]) == 2
     assert target["orig_size"].tolist() == list(render_sample(2, seed=1)[0].shape[1:])
+
+
+def test_cached_dataset_equals_rendering_on_demand_and_is_not_mutated_by_transforms():
+    def shrink(image, target):
+        target["boxes"] = target["boxes"] / 2  # a transform that rebinds a key of its dict
+        return image, target
+
+    cached = SyntheticDetection(3, seed=2, transform=shrink, cache=True)
+    lazy = SyntheticDetection(3, seed=2, transform=shrink)
+    for i in range(3):
+        (a, ta), (b, tb) = cached[i], lazy[i]
+        assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"])
+    again = cached[0][1]["boxes"]
+    assert torch.equal(again, lazy[0][1]["boxes"]), "the cache must not keep transformed boxes"

@@ -140,22 +140,33 @@ def render_sample(
 
 
 class SyntheticDetection(torch.utils.data.Dataset):
-    """``num_images`` rendered samples, optionally passed through a paired transform."""
+    """``num_images`` rendered samples, optionally passed through a paired transform.
+
+    ``cache=True`` renders every sample once up front (about 7 ms each) and keeps the uint8
+    images in memory, so epochs after the first cost only the transform.
+    """
 
     classes = CLASSES
 
-    def __init__(self, num_images: int, seed: int = 0, transform=None) -> None:
+    def __init__(self, num_images: int, seed: int = 0, transform=None, cache: bool = False) -> None:
         self.num_images = num_images
         self.seed = seed
         self.transform = transform
+        self._cache = [self._render(i) for i in range(num_images)] if cache else None
+
+    def _render(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        image, target = render_sample(index, self.seed)
+        target["image_id"] = torch.tensor(index)
+        target["orig_size"] = torch.tensor(image.shape[1:])  # (H, W)
+        return image, target
 
     def __len__(self) -> int:
         return self.num_images
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
-        image, target = render_sample(index, self.seed)
-        target["image_id"] = torch.tensor(index)
-        target["orig_size"] = torch.tensor(image.shape[1:])  # (H, W)
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        image, target = self._cache[index] if self._cache is not None else self._render(index)
         if self.transform is not None:
-            image, target = self.transform(image, target)
+            image, target = self.transform(image, dict(target))  # transforms return new dicts
         return image, target

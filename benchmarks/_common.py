@@ -1,0 +1,177 @@
+"""Shared helpers of the side-by-side benchmarks: argparse, timing, machine info, JSON, tables.
+
+Every benchmark times *ours* and the *peer* (torchvision) in the same process, interleaving the
+two (ours, peer, ours, peer, ...) so that a load spike from another process on the machine hits
+both sides alike. A repeat is the mean of ``--number`` back-to-back calls; we report the median
+and the inter-quartile range (IQR) of the repeats, and the ratio peer median / ours median
+(> 1 means ours is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def get_args_parser(
+    name: str, description: str, repeats: int, warmup: int, number: int = 1
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats per side")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls per side first")
+    parser.add_argument(
+        "--number", type=int, default=number, help="calls averaged inside one timed repeat"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch intra-op threads (default: torch's own default on this machine)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR / f"{name}.json", help="where to write the JSON"
+    )
+    return parser
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "threads": threads,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": "cpu",
+    }
+
+
+def stats_ms(samples_s: list[float]) -> dict[str, Any]:
+    ms = sorted(s * 1e3 for s in samples_s)
+    if len(ms) >= 2:
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+    else:
+        q1 = q3 = ms[0]
+    return {
+        "median_ms": statistics.median(ms),
+        "iqr_ms": q3 - q1,
+        "q1_ms": q1,
+        "q3_ms": q3,
+        "min_ms": ms[0],
+        "max_ms": ms[-1],
+        "samples_ms": ms,
+    }
+
+
+def time_side_by_side(
+    ours: Callable[[], Any],
+    peer: Callable[[], Any],
+    repeats: int,
+    warmup: int,
+    number: int = 1,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Median/IQR in ms of ``ours`` and ``peer``, interleaved repeat by repeat."""
+    for _ in range(warmup):
+        ours()
+        peer()
+    samples: dict[str, list[float]] = {"ours": [], "peer": []}
+    for r in range(repeats):
+        # alternate which side goes first, so neither always runs on a warmer cache
+        order = (("ours", ours), ("peer", peer)) if r % 2 == 0 else (("peer", peer), ("ours", ours))
+        for key, fn in order:
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples[key].append((time.perf_counter() - start) / number)
+    return stats_ms(samples["ours"]), stats_ms(samples["peer"])
+
+
+def case_result(
+    case: str, ours: dict[str, Any], peer: dict[str, Any], goal: float, note: str = ""
+) -> dict[str, Any]:
+    ratio = peer["median_ms"] / ours["median_ms"]
+    return {
+        "case": case,
+        "ours": ours,
+        "peer": peer,
+        "ratio": ratio,
+        "goal": goal,
+        "met": ratio >= goal,
+        "note": note,
+    }
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The results table of one benchmark's JSON (also used by run_all.py for the docs)."""
+    lines = [
+        "| case | ours ms (median ± IQR) | torchvision ms (median ± IQR) "
+        "| ratio (tv / ours) | goal | met? |",
+        "|---|---:|---:|---:|---:|:---:|",
+    ]
+    for c in result["cases"]:
+        o, p = c["ours"], c["peer"]
+        lines.append(
+            f"| {c['case']} | {o['median_ms']:.2f} ± {o['iqr_ms']:.2f} "
+            f"| {p['median_ms']:.2f} ± {p['iqr_ms']:.2f} | **{c['ratio']:.2f}x** "
+            f"| ≥ {c['goal']:g}x | {'yes' if c['met'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    return (
+        f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, "
+        f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}"
+    )
+
+
+def finish(name: str, args: argparse.Namespace, command: str, cases: list[dict], **extra: Any) -> dict:
+    """Assemble, print and write a benchmark's result."""
+    result = {
+        "benchmark": name,
+        "command": command,
+        "machine": machine_info(args.threads),
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "number": args.number,
+            "seed": args.seed,
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cases": cases,
+        **extra,
+    }
+    print(f"\n## {name}\n\nMachine: {machine_line(result)}\n")
+    print(markdown_table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return result
