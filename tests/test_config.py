@@ -67,6 +67,6 @@ def test_missing_config_lists_presets():
 
 def test_flat_params_for_logging():
     flat = load_config("tiny").flat()
-    assert flat["optim.lr"] == 0.01
+    assert flat["optim.lr"] == 0.05
     assert flat["priors.feature_maps"] == [16, 8, 4, 2, 1]
     assert isinstance(Config().to_dict(), dict)
