@@ -131,8 +131,10 @@ def case_result(
 def markdown_table(result: dict[str, Any]) -> str:
     """The results table of one benchmark's JSON (also used by run_all.py for the docs)."""
     lines = [
-        "| case | ours ms (median ± IQR) | torchvision ms (median ± IQR) "
-        "| ratio (tv / ours) | goal | met? |",
+        (
+            "| case | ours ms (median ± IQR) | torchvision ms (median ± IQR) "
+            "| ratio (tv / ours) | goal | met? |"
+        ),
         "|---|---:|---:|---:|---:|:---:|",
     ]
     for c in result["cases"]:
@@ -153,7 +155,9 @@ def machine_line(result: dict[str, Any]) -> str:
     )
 
 
-def finish(name: str, args: argparse.Namespace, command: str, cases: list[dict], **extra: Any) -> dict:
+def finish(
+    name: str, args: argparse.Namespace, command: str, cases: list[dict], **extra: Any
+) -> dict:
     """Assemble, print and write a benchmark's result."""
     result = {
         "benchmark": name,

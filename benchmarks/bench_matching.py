@@ -1,7 +1,7 @@
 """Target assignment (prior <-> ground-truth matching + box encoding), ours vs torchvision.
 
     .venv/bin/python benchmarks/bench_matching.py                 # defaults: 32 images, 8732 priors
-    .venv/bin/python benchmarks/bench_matching.py --repeats 30 --warmup 3 --threads 2
+    .venv/bin/python benchmarks/bench_matching.py --repeats 30 --warmup 3 --threads 1
 
 Ours: ``pad_targets`` + ``match_priors`` (one batched pass: labels (B, P) and encoded targets
 (B, P, 4) for every prior). Peer: torchvision SSD's per-image path (``SSD.forward`` +
@@ -22,10 +22,9 @@ from __future__ import annotations
 import sys
 
 import torch
+from _common import case_result, finish, get_args_parser, time_side_by_side
 from torchvision.models.detection._utils import BoxCoder, SSDMatcher
 from torchvision.ops import box_iou as tv_box_iou
-
-from _common import case_result, finish, get_args_parser, time_side_by_side
 
 from ssd.boxes import cxcywh_to_xyxy
 from ssd.matching import match_priors, pad_targets
@@ -89,7 +88,7 @@ def check_equal(ours_out, peer_out) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = get_args_parser(NAME, __doc__.splitlines()[0], repeats=30, warmup=3)
+    parser = get_args_parser(NAME, __doc__.splitlines()[0], repeats=15, warmup=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-gt", type=int, default=40)
     args = parser.parse_args(argv)

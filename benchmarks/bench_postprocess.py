@@ -23,9 +23,8 @@ from __future__ import annotations
 import sys
 
 import torch
-from torchvision.models.detection import ssd300_vgg16
-
 from _common import case_result, finish, get_args_parser, time_side_by_side
+from torchvision.models.detection import ssd300_vgg16
 
 from ssd.boxes import cxcywh_to_xyxy
 from ssd.postprocess import PostprocessConfig, postprocess
@@ -114,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     return finish(
         NAME,
         args,
-        "python benchmarks/bench_postprocess.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "python benchmarks/bench_postprocess.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         cases,
         equivalence=equivalence,
     )

@@ -38,18 +38,23 @@ def match_priors(
         variances: box-encoding variances.
     Returns:
         labels: (B, P) int64, 0 for background.
-        box_targets: (B, P, 4) offsets of the matched ground truth (see :func:`ssd.boxes.encode`);
-            meaningful only where ``labels > 0``.
+        box_targets: (B, P, 4) offsets of the matched ground truth (see :func:`ssd.boxes.encode`)
+            where ``labels > 0``, zero elsewhere.
     """
+    if not iou_threshold > 0:
+        # Padding boxes have IoU 0 with every prior; a threshold of 0 would match them.
+        raise ValueError(f"loss.iou_threshold must be > 0, got {iou_threshold}")
     batch, num_gt = gt_labels.shape
     num_priors = priors.shape[0]
     if num_gt == 0:  # no ground truth anywhere in the batch
         labels = gt_labels.new_zeros((batch, num_priors))
         return labels, priors.new_zeros((batch, num_priors, 4))
 
-    iou = box_iou(gt_boxes, cxcywh_to_xyxy(priors))  # (B, G, P)
-    # Padding rows can never win: -1 is below any real IoU.
-    iou = iou.masked_fill(~gt_mask[:, :, None], -1.0)
+    # Padding becomes the empty box (0, 0, 0, 0), whose IoU with anything is 0: it can never be
+    # a prior's match (matches need IoU >= threshold > 0, or the bipartite step, which padding
+    # skips below). Masking the (B, G, 4) boxes is much cheaper than the (B, G, P) IoU.
+    real_boxes = gt_boxes * gt_mask[..., None]
+    iou = box_iou(real_boxes, cxcywh_to_xyxy(priors))  # (B, G, P)
 
     best_gt_iou, best_gt_idx = iou.max(dim=1)  # (B, P): each prior's best ground truth
     best_prior_idx = iou.argmax(dim=2)  # (B, G): each ground truth's best prior
@@ -69,8 +74,12 @@ def match_priors(
     positive = is_forced | (best_gt_iou >= iou_threshold)
     labels = torch.where(positive, matched_labels, torch.zeros_like(matched_labels))
 
-    matched_boxes = gt_boxes.gather(1, best_gt_idx[..., None].expand(-1, -1, 4))  # (B, P, 4)
-    return labels, encode(matched_boxes, priors, variances)
+    # Encode only the positives (a few percent of B * P); the loss reads nothing else.
+    image_idx, prior_idx = positive.nonzero(as_tuple=True)
+    matched_boxes = real_boxes[image_idx, best_gt_idx[image_idx, prior_idx]]  # (N_pos, 4)
+    box_targets = priors.new_zeros((batch, num_priors, 4))
+    box_targets[image_idx, prior_idx] = encode(matched_boxes, priors[prior_idx], variances)
+    return labels, box_targets
 
 
 def pad_targets(

@@ -77,3 +77,13 @@ def test_batched_matching_equals_torchvision_ssd_matcher_per_image():
         assert torch.equal(out_labels[i], expected)
         pos = matches >= 0
         assert torch.allclose(out_targets[i][pos], encode(b[matches[pos]], priors[pos]), atol=1e-5)
+
+
+def test_targets_are_zero_off_the_positives_and_threshold_must_be_positive():
+    import pytest
+
+    labels, targets = _match([[[0.0, 0.4, 0.4, 0.6]]], [[3]])
+    assert targets[labels == 0].abs().sum() == 0
+    assert targets[labels > 0].abs().sum() > 0
+    with pytest.raises(ValueError, match="iou_threshold"):
+        _match([[[0.0, 0.4, 0.4, 0.6]]], [[3]], iou_threshold=0.0)

@@ -1,0 +1,116 @@
+"""Run every side-by-side benchmark and regenerate the tables in docs/BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/run_all.py                       # all, at 1 thread and torch's default
+    .venv/bin/python benchmarks/run_all.py --only matching,postprocess --threads 2
+    .venv/bin/python benchmarks/run_all.py --tables-only         # rebuild the docs from the JSON
+    make bench
+
+Each benchmark runs in its own process (``benchmarks/bench_<name>.py --threads N --out
+benchmarks/results/<name>_t<N>.json``); the tables between the ``<!-- bench:<name> -->`` markers of
+docs/BENCHMARKS.md are then rewritten from every ``results/<name>_t*.json`` found. Everything
+outside the markers (the prose) is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, machine_line, markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+BENCHMARKS = ("matching", "postprocess", "train_step")
+
+
+def models_available() -> bool:
+    """The train-step benchmark needs ``ssd.models.build_model``."""
+    if importlib.util.find_spec("ssd.models") is None:
+        return False
+    try:
+        from ssd.models import build_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(name: str, threads: int, extra: list[str]) -> Path:
+    out = RESULTS_DIR / f"{name}_t{threads}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"bench_{name}.py"), "--threads", str(threads)]
+    cmd += ["--out", str(out.relative_to(ROOT)), *extra]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return out
+
+
+def tables(name: str) -> str:
+    """Markdown for one benchmark: a table per thread count found in results/."""
+    files = sorted(
+        RESULTS_DIR.glob(f"{name}_t*.json"), key=lambda p: int(p.stem.rsplit("_t", 1)[1])
+    )
+    if not files:
+        return f"_No results yet: run `python benchmarks/run_all.py --only {name}`._"
+    parts = []
+    for path in files:
+        result = json.loads(path.read_text())
+        s = result["settings"]
+        command = re.sub(r"--out \S+ ?", "", result["command"]).strip()
+        parts.append(
+            f"**{result['machine']['threads']} torch thread(s)** — `{command}` "
+            f"({s['warmup']} warm-up, {s['repeats']} timed repeats per side, interleaved; "
+            f"run {result['date']})  \n"
+            f"Machine: {machine_line(result)}\n\n{markdown_table(result)}"
+        )
+    return "\n\n".join(parts)
+
+
+def update_doc(names: tuple[str, ...] = BENCHMARKS) -> None:
+    text = DOC.read_text()
+    for name in names:
+        start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+        pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+        if not pattern.search(text):
+            print(f"warning: no {start} ... {end} markers in {DOC}; table not written")
+            continue
+        block = f"{start}\n{tables(name)}\n{end}"
+        text = pattern.sub(lambda _, block=block: block, text)
+    DOC.write_text(text)
+    print(f"updated {DOC.relative_to(ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated names")
+    parser.add_argument(
+        "--threads",
+        default=",".join(str(t) for t in sorted({1, torch.get_num_threads()})),
+        help="comma-separated torch thread counts to run each benchmark at "
+        "(default: 1 and torch's default)",
+    )
+    parser.add_argument("--tables-only", action="store_true", help="only rebuild the docs tables")
+    parser.add_argument("extra", nargs="*", help="passed to every benchmark, after --")
+    args = parser.parse_args(argv)
+    names = tuple(n for n in args.only.split(",") if n)
+    unknown = set(names) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {sorted(unknown)}; known: {BENCHMARKS}")
+    if not args.tables_only:
+        for name in names:
+            if name == "train_step" and not models_available():
+                print("skipping train_step: ssd.models.build_model is not importable yet")
+                continue
+            for threads in (int(t) for t in args.threads.split(",")):
+                run(name, threads, args.extra)
+    update_doc()
+
+
+if __name__ == "__main__":
+    main()
