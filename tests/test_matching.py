@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torchvision.models.detection._utils import SSDMatcher
 
@@ -60,13 +61,18 @@ def _random_batch(generator, batch, priors):
     return boxes, labels
 
 
-def test_batched_matching_equals_torchvision_ssd_matcher_per_image():
+@pytest.mark.parametrize("preset,batch", [("tiny", 8), ("ssd300_vgg16", 16)])
+def test_batched_matching_equals_torchvision_ssd_matcher_per_image(preset, batch):
+    from ssd.matching import _chunk_size
     from ssd.priors import PriorSpec
 
-    priors = PriorSpec.preset("tiny").generate()
+    priors = PriorSpec.preset(preset).generate()
     g = torch.Generator().manual_seed(0)
-    boxes, labels = _random_batch(g, 8, priors)
-    out_labels, out_targets = match_priors(priors, *pad_targets(boxes, labels))
+    boxes, labels = _random_batch(g, batch, priors)
+    padded = pad_targets(boxes, labels)
+    if preset == "ssd300_vgg16":  # the CPU path must really run over several prior chunks
+        assert _chunk_size(batch, padded[1].shape[1], len(priors), torch.device("cpu")) < len(priors) // 2
+    out_labels, out_targets = match_priors(priors, *padded)
     matcher = SSDMatcher(0.5)
     for i, (b, lab) in enumerate(zip(boxes, labels)):
         if len(b) == 0:
@@ -80,8 +86,6 @@ def test_batched_matching_equals_torchvision_ssd_matcher_per_image():
 
 
 def test_targets_are_zero_off_the_positives_and_threshold_must_be_positive():
-    import pytest
-
     labels, targets = _match([[[0.0, 0.4, 0.4, 0.6]]], [[3]])
     assert targets[labels == 0].abs().sum() == 0
     assert targets[labels > 0].abs().sum() > 0
