@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,9 @@ import torch
 import torchvision
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: 1-minute load average when the benchmark started (other processes on a shared machine skew
+#: timings, and with more threads than idle cores OpenMP ops can stall on descheduled threads)
+START_LOAD = os.getloadavg()[0]
 
 
 def get_args_parser(
@@ -70,7 +74,25 @@ def machine_info(threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": "cpu",
+        "loadavg_1min_start": round(START_LOAD, 2),
+        "loadavg_1min_end": round(os.getloadavg()[0], 2),
     }
+
+
+def library_version() -> str:
+    """The git commit of the checkout, with "+dirty" when ssd/ has uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*cmd: str) -> str:
+        out = subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, check=False)
+        return out.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "ssd")
+    except OSError:
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty else "")
 
 
 def stats_ms(samples_s: list[float]) -> dict[str, Any]:
@@ -149,10 +171,13 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def machine_line(result: dict[str, Any]) -> str:
     m = result["machine"]
-    return (
+    line = (
         f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, "
         f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}"
     )
+    if "loadavg_1min_start" in m:
+        line += f"; 1-min load average {m['loadavg_1min_start']} -> {m['loadavg_1min_end']}"
+    return line
 
 
 def finish(
@@ -170,6 +195,7 @@ def finish(
             "seed": args.seed,
         },
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "library_commit": library_version(),
         "cases": cases,
         **extra,
     }

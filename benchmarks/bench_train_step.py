@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/bench_train_step.py                # warmup 1, repeats 5
     .venv/bin/python benchmarks/bench_train_step.py --threads 1 --repeats 7
+    .venv/bin/python benchmarks/bench_train_step.py --nchw --out benchmarks/results/train_step_nchw.json
 
-Ours: ``build_model(load_config("ssd300_vgg16"))``, then per step ``pad_targets`` +
-``match_priors`` + forward + ``MultiBoxLoss`` + ``zero_grad`` + ``backward`` + ``SGD.step``
-(what ``ssd.engine.Trainer.step`` does, without its logging). Peer: torchvision's
+Ours: ``build_model(load_config("ssd300_vgg16"))`` driven by ``ssd.engine.Trainer.step`` (the
+real step: ``pad_targets`` + ``match_priors`` + forward + ``MultiBoxLoss`` + ``zero_grad`` +
+``backward`` + ``SGD.step``), in its default channels_last memory format (``--nchw``: the
+``train.channels_last=false`` layout instead). Peer: torchvision's
 ``ssd300_vgg16(weights=None, weights_backbone=None, num_classes=21)`` in train mode,
 ``loss_dict = model(images_list, targets_list)``, ``sum(loss_dict.values())`` + the same
 ``zero_grad`` / ``backward`` / ``SGD(lr 1e-3, momentum 0.9, weight decay 5e-4)`` step.
@@ -32,8 +34,7 @@ from _common import case_result, finish, get_args_parser, time_side_by_side
 from torchvision.models.detection import ssd300_vgg16
 
 from ssd.config import load_config
-from ssd.loss import MultiBoxLoss
-from ssd.matching import match_priors, pad_targets
+from ssd.engine import Trainer
 from ssd.models import build_model
 
 NAME = "train_step"
@@ -104,11 +105,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = get_args_parser(NAME, __doc__.splitlines()[0], repeats=5, warmup=1)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-gt", type=int, default=8)
+    parser.add_argument(
+        "--nchw",
+        action="store_true",
+        help="run ours with train.channels_last=false (torchvision's NCHW layout)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    cfg = load_config("ssd300_vgg16")
+    cfg = load_config("ssd300_vgg16", ["train.channels_last=false"] if args.nchw else [])
     ours_model = build_model(cfg).train()
     tv_model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=21).train()
     check = check_same_network(ours_model, tv_model)
@@ -124,24 +130,15 @@ def main(argv: list[str] | None = None) -> dict:
     mean = torch.tensor(cfg.augment.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.augment.std).view(1, 3, 1, 1)
     ours_images = (images - mean) / std
-    priors = cfg.priors.generate()
-    criterion = MultiBoxLoss(cfg.loss.neg_ratio, cfg.loss.loc_weight)
     ours_opt, tv_opt = sgd(ours_model), sgd(tv_model)
+    trainer = Trainer(ours_model, cfg, ours_opt)  # converts the model to cfg's memory format
+    ours_targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
     tv_images = list(images)
     tv_targets = [{"boxes": b * SIZE, "labels": lab} for b, lab in zip(boxes, labels)]
     losses: dict[str, list[float]] = {"ours": [], "peer": []}
 
     def ours_step():
-        gt_boxes, gt_labels, gt_mask = pad_targets(boxes, labels)
-        target_labels, box_targets = match_priors(
-            priors, gt_boxes, gt_labels, gt_mask, cfg.loss.iou_threshold, cfg.loss.variances
-        )
-        loc, logits = ours_model(ours_images)
-        loss = criterion(loc, logits, target_labels, box_targets)["loss"]
-        ours_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ours_opt.step()
-        losses["ours"].append(loss.item())
+        losses["ours"].append(trainer.step(ours_images, ours_targets)["loss"])
 
     def peer_step():
         loss_dict = tv_model(tv_images, tv_targets)
@@ -155,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     for side, values in losses.items():
         assert all(torch.isfinite(torch.tensor(values))), f"{side}: non-finite loss {values}"
     case = f"VGG16-SSD300, B={args.batch}, 300x300, 21 classes, fp32"
+    case += " (ours NCHW)" if args.nchw else " (ours channels_last, torchvision NCHW)"
     return finish(
         NAME,
         args,

@@ -29,6 +29,7 @@ from _common import RESULTS_DIR, machine_line, markdown_table
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 BENCHMARKS = ("matching", "postprocess", "train_step")
+SCRIPTS = {name: f"bench_{name}.py" for name in BENCHMARKS}
 
 
 def models_available() -> bool:
@@ -44,7 +45,7 @@ def models_available() -> bool:
 
 def run(name: str, threads: int, extra: list[str]) -> Path:
     out = RESULTS_DIR / f"{name}_t{threads}.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / f"bench_{name}.py"), "--threads", str(threads)]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / SCRIPTS[name]), "--threads", str(threads)]
     cmd += ["--out", str(out.relative_to(ROOT)), *extra]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -66,7 +67,7 @@ def tables(name: str) -> str:
         parts.append(
             f"**{result['machine']['threads']} torch thread(s)** — `{command}` "
             f"({s['warmup']} warm-up, {s['repeats']} timed repeats per side, interleaved; "
-            f"run {result['date']})  \n"
+            f"run {result['date']}, library {result.get('library_commit', 'unrecorded')})  \n"
             f"Machine: {machine_line(result)}\n\n{markdown_table(result)}"
         )
     return "\n\n".join(parts)
@@ -99,9 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("extra", nargs="*", help="passed to every benchmark, after --")
     args = parser.parse_args(argv)
     names = tuple(n for n in args.only.split(",") if n)
-    unknown = set(names) - set(BENCHMARKS)
+    unknown = set(names) - set(SCRIPTS)
     if unknown:
-        parser.error(f"unknown benchmark(s) {sorted(unknown)}; known: {BENCHMARKS}")
+        parser.error(f"unknown benchmark(s) {sorted(unknown)}; known: {sorted(SCRIPTS)}")
     if not args.tables_only:
         for name in names:
             if name == "train_step" and not models_available():

@@ -78,7 +78,8 @@ class Trainer:
         device: torch.device | str = "cpu",
         amp_dtype: torch.dtype | None = None,
     ) -> None:
-        self.model = model
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=self.memory_format)
         self.cfg = cfg
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -95,7 +96,7 @@ class Trainer:
 
     def step(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, float]:
         """One optimisation step on a batch; targets hold ``boxes`` in [0, 1] and ``labels``."""
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         gt_boxes, gt_labels, gt_mask = pad_targets(
             [t["boxes"] for t in targets], [t["labels"] for t in targets], self.device
         )
@@ -180,9 +181,11 @@ def evaluate(
     """
     device = torch.device(device)
     priors = cfg.priors.generate(device=device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     for images, targets in batches:
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-        detections = predict(model, images.to(device), priors, cfg.postprocess, image_sizes=sizes)
+        images = images.to(device).contiguous(memory_format=memory_format)
+        detections = predict(model, images, priors, cfg.postprocess, image_sizes=sizes)
         for det, target, (height, width) in zip(detections, targets, sizes.tolist()):
             scale = torch.tensor([width, height, width, height], dtype=torch.float32)
             evaluator.add(

@@ -1,9 +1,18 @@
 """From network outputs to detections: decode, softmax, threshold, per-class NMS, top-k.
 
-Everything is batched over images: one decode, one softmax, one top-k per (image, class) and one
-``torchvision.ops.batched_nms`` call whose groups are (image, class) pairs, then a vectorised
-per-image top-k. Soft-NMS (Bodla et al. 2017) runs its greedy loop over all (image, class) groups
-at once.
+Batched over images, and doing only the work that can change the result:
+
+- threshold first: a class score can pass ``score_threshold`` only where the background
+  probability is below ``1 - score_threshold``, so a (B, P) test finds the few candidate priors;
+  only they are decoded. The dense per-(image, class) pre-NMS top-k runs only when some image has
+  more candidate priors than ``pre_nms_top_k`` (otherwise it cannot remove anything);
+- NMS on a score-ordered prefix with early exit: greedy NMS keeps or drops a box looking only at
+  higher-scored boxes of its class, so NMS over an image's M best candidates decides those M
+  exactly; once an image keeps ``top_k`` of them nothing below can enter its top-k, so the rest is
+  never NMS-ed. Otherwise M doubles for the images not yet finished.
+
+The result equals torchvision SSD's ``postprocess_detections`` (tests/test_postprocess.py).
+Soft-NMS (Bodla et al. 2017) runs its greedy loop over all (image, class) groups at once.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from ssd.boxes import DEFAULT_VARIANCES, box_iou, decode
 
@@ -59,42 +68,118 @@ def postprocess(
         sorted descending, and ``labels`` (K,) int64 in 1..C-1.
     """
     params = params or PostprocessConfig()
-    batch, num_priors, num_classes = logits.shape
-    boxes = decode(loc.float(), priors.float(), variances).clamp_(0.0, 1.0)  # (B, P, 4)
-    scores = logits.float().softmax(dim=-1)[..., 1:].transpose(1, 2)  # (B, C-1, P)
-
-    k = num_priors if params.pre_nms_top_k <= 0 else min(params.pre_nms_top_k, num_priors)
-    if k < num_priors:
-        cand_scores, cand_prior = scores.topk(k, dim=2)  # (B, C-1, k), sorted descending
-    else:
-        cand_scores, cand_prior = scores.sort(dim=2, descending=True)
-    # (B, C-1, k, 4): each candidate's box
-    cand_boxes = boxes.gather(
-        1, cand_prior.flatten(1)[..., None].expand(-1, -1, 4)
-    ).view(batch, num_classes - 1, k, 4)
-
+    batch = logits.shape[0]
     if params.method == "nms":
-        image, cls, score, box = _hard_nms(cand_boxes, cand_scores, params)
+        image, cls, score, box = _candidates(loc, logits, priors, params, variances)
+        kept = _prefix_nms(image, cls, score, box, batch, logits.shape[2] - 1, params)
+        image, cls, score, box = image[kept], cls[kept], score[kept], box[kept]
     else:
-        image, cls, score, box = _soft_nms(cand_boxes, cand_scores, params)
+        image, cls, score, box = _soft_nms(*_dense_candidates(loc, logits, priors, params, variances), params)
     return _per_image_top_k(image, cls + 1, score, box, batch, params.top_k, image_sizes)
 
 
-def _hard_nms(
-    cand_boxes: Tensor, cand_scores: Tensor, params: PostprocessConfig
+def _candidates(
+    loc: Tensor,
+    logits: Tensor,
+    priors: Tensor,
+    params: PostprocessConfig,
+    variances: tuple[float, float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Threshold, then one ``batched_nms`` over all (image, class) groups.
+    """Flat (N,) image index, class index (0-based, no background), score and (N, 4) decoded box
+    of every (image, prior, class) whose score passes the threshold and the pre-NMS top-k."""
+    batch, num_priors, _ = logits.shape
+    probs = logits.float().softmax(dim=-1)  # (B, P, C)
+    threshold, k = params.score_threshold, params.pre_nms_top_k
+    # Class scores sum to 1 - background, so one can pass only where background < 1 - threshold
+    # (1e-6 absorbs rounding: a superset is fine).
+    maybe_image, maybe_prior = (probs[..., 0] < 1.0 - threshold + 1e-6).nonzero(as_tuple=True)
+    most_per_image = int(torch.bincount(maybe_image, minlength=batch).max()) if batch else 0
+    if k <= 0 or most_per_image <= k:
+        # No (image, class) group can hold more than k candidates: the top-k is a no-op.
+        scores = probs[maybe_image, maybe_prior, 1:]  # (N', C-1)
+        row, cls = (scores > threshold).nonzero(as_tuple=True)
+        image, prior, score = maybe_image[row], maybe_prior[row], scores[row, cls]
+    else:
+        # Top-k per (image, class) first, then the threshold (same set as threshold-then-top-k).
+        cand_scores, cand_prior = probs[..., 1:].transpose(1, 2).topk(min(k, num_priors), dim=2)
+        passed = cand_scores > threshold  # (B, C-1, k)
+        image, cls, slot = passed.nonzero(as_tuple=True)
+        score, prior = cand_scores[passed], cand_prior[image, cls, slot]
+    box = decode(loc[image, prior].float(), priors[prior].float(), variances).clamp_(0.0, 1.0)
+    return image, cls, score, box
 
-    Returns flat (N,) image index, class index (0-based, no background), score and (N, 4) box,
-    ordered by decreasing score.
-    """
-    keep = cand_scores > params.score_threshold  # (B, C-1, k)
-    image, cls, _ = keep.nonzero(as_tuple=True)
-    score = cand_scores[keep]
-    box = cand_boxes[keep]
-    group = image * cand_scores.shape[1] + cls
-    kept = batched_nms(box, score, group, params.nms_iou)  # indices by decreasing score
-    return image[kept], cls[kept], score[kept], box[kept]
+
+def _grouped_nms(box: Tensor, score: Tensor, group: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS within each group; returns the kept indices (in no particular order)."""
+    if box.numel() <= 4000 or box.device.type != "cpu":
+        # Small inputs, or a GPU: batched_nms's single call with offset coordinates is fastest.
+        return batched_nms(box, score, group, iou_threshold)
+    # On a CPU, batched_nms loops over groups scanning ``group == g`` each time; one sort and
+    # split visits every candidate once.
+    order = torch.argsort(group, stable=True)
+    kept, start = [], 0
+    for count in torch.bincount(group).tolist():
+        if count:
+            idx = order[start : start + count]
+            kept.append(idx[nms(box[idx], score[idx], iou_threshold)])
+        start += count
+    return torch.cat(kept) if kept else order[:0]
+
+
+def _prefix_nms(
+    image: Tensor,
+    cls: Tensor,
+    score: Tensor,
+    box: Tensor,
+    batch: int,
+    num_fg_classes: int,
+    params: PostprocessConfig,
+) -> Tensor:
+    """Indices of the candidates per-class NMS keeps that can reach their image's top-k, in
+    decreasing score order. Exact: see the module docstring."""
+    device = image.device
+    group = image * num_fg_classes + cls
+    # rank of every candidate within its image by decreasing score
+    order = score.argsort(descending=True)
+    order = order[image[order].argsort(stable=True)]
+    per_image = torch.bincount(image, minlength=batch)
+    starts = per_image.cumsum(0) - per_image
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=device) - starts[image[order]]
+
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    kept_parts = []
+    prefix = 4 * params.top_k
+    while True:
+        selected = ((rank < prefix) & ~done[image]).nonzero().squeeze(1)
+        kept = selected[_grouped_nms(box[selected], score[selected], group[selected], params.nms_iou)]
+        kept_per_image = torch.bincount(image[kept], minlength=batch)
+        finished = (kept_per_image >= params.top_k) | (per_image <= prefix)
+        kept_parts.append(kept[(finished & ~done)[image[kept]]])
+        done |= finished
+        if bool(done.all()):
+            break
+        prefix *= 2
+    kept = torch.cat(kept_parts)
+    return kept[score[kept].argsort(descending=True)]
+
+
+def _dense_candidates(
+    loc: Tensor,
+    logits: Tensor,
+    priors: Tensor,
+    params: PostprocessConfig,
+    variances: tuple[float, float],
+) -> tuple[Tensor, Tensor]:
+    """(B, C-1, k, 4) boxes and (B, C-1, k) scores of each (image, class)'s k best priors, the
+    padded layout soft-NMS iterates over."""
+    batch, num_priors, num_classes = logits.shape
+    boxes = decode(loc.float(), priors.float(), variances).clamp_(0.0, 1.0)  # (B, P, 4)
+    scores = logits.float().softmax(dim=-1)[..., 1:].transpose(1, 2)  # (B, C-1, P)
+    k = num_priors if params.pre_nms_top_k <= 0 else min(params.pre_nms_top_k, num_priors)
+    cand_scores, cand_prior = scores.topk(k, dim=2)  # (B, C-1, k), sorted descending
+    cand_boxes = boxes.gather(1, cand_prior.flatten(1)[..., None].expand(-1, -1, 4))
+    return cand_boxes.view(batch, num_classes - 1, k, 4), cand_scores
 
 
 def _soft_nms(

@@ -134,3 +134,57 @@ def test_soft_nms_linear_hand_computed():
     assert out["scores"].tolist() == pytest.approx([0.9, 0.8 * (1 - 7 / 9)], rel=1e-5)
     hard = postprocess(torch.zeros(1, 2, 4), logits, priors)[0]
     assert hard["scores"].tolist() == pytest.approx([0.9])
+
+
+def _torchvision_reference(loc, logits, priors, top_k):
+    tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=logits.shape[2], score_thresh=0.01,
+                      nms_thresh=0.45, detections_per_img=top_k, topk_candidates=400)
+    anchors = cxcywh_to_xyxy(priors) * 300
+    batch = loc.shape[0]
+    return tv.postprocess_detections({"bbox_regression": loc, "cls_logits": logits}, [anchors] * batch,
+                                     [(300, 300)] * batch)
+
+
+def _assert_same(ours, expected):
+    for mine, ref in zip(ours, expected):
+        assert len(mine["scores"]) == len(ref["scores"])
+        b1, s1, l1 = _sorted(mine["boxes"], mine["scores"], mine["labels"])
+        b2, s2, l2 = _sorted(ref["boxes"], ref["scores"], ref["labels"])
+        assert torch.allclose(s1, s2, atol=1e-6)
+        assert torch.equal(l1, l2)
+        assert torch.allclose(b1, b2, atol=1e-3)
+
+
+def test_sparse_candidate_path_equals_torchvision():
+    # "Trained-like": background is confident almost everywhere, so few priors can pass 0.01 and
+    # the dense pre-NMS top-k is skipped.
+    priors = PriorSpec.preset("ssd300_vgg16").generate()
+    g = torch.Generator().manual_seed(3)
+    loc = torch.randn(3, priors.shape[0], 4, generator=g) * 0.3
+    logits = torch.randn(3, priors.shape[0], 21, generator=g)
+    logits[..., 0] += 12
+    hot = torch.randint(0, priors.shape[0], (3, 150), generator=g)
+    logits[torch.arange(3)[:, None], hot, 0] -= 15
+    candidates_per_image = (logits.softmax(-1)[..., 0] < 0.99).sum(1)
+    assert candidates_per_image.max() <= 400, "the sparse path would not be taken"
+    ours = postprocess(loc, logits, priors, PostprocessConfig(), image_sizes=[(300, 300)] * 3)
+    _assert_same(ours, _torchvision_reference(loc, logits, priors, 200))
+
+
+def test_prefix_doubling_equals_torchvision(monkeypatch):
+    # One class everywhere and boxes equal to the priors: NMS suppresses most of every prefix, so
+    # the prefix must grow before an image keeps top_k detections.
+    import ssd.postprocess as pp
+
+    priors = PriorSpec.preset("ssd300_vgg16").generate()
+    g = torch.Generator().manual_seed(4)
+    loc = torch.zeros(2, priors.shape[0], 4)
+    logits = torch.randn(2, priors.shape[0], 3, generator=g) * 0.1
+    distance = (priors[:, :2] - 0.5).norm(dim=1)  # the best scores crowd the image centre
+    logits[..., 1] += 5 - 10 * distance
+    calls = []
+    real = pp._grouped_nms
+    monkeypatch.setattr(pp, "_grouped_nms", lambda *a: calls.append(1) or real(*a))
+    ours = postprocess(loc, logits, priors, PostprocessConfig(top_k=60), image_sizes=[(300, 300)] * 2)
+    assert len(calls) > 1, "the prefix never doubled: the test lost its purpose"
+    _assert_same(ours, _torchvision_reference(loc, logits, priors, 60))
