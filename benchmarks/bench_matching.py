@@ -7,8 +7,8 @@ Ours: ``pad_targets`` + ``match_priors`` (one batched pass: labels (B, P) and en
 (B, P, 4) for every prior). Peer: torchvision SSD's per-image path (``SSD.forward`` +
 ``SSD.compute_loss`` in torchvision/models/detection/ssd.py): ``SSDMatcher(0.5)`` on
 ``box_iou(gt, anchors_xyxy)``, then ``BoxCoder((10, 10, 5, 5)).encode_single`` of the foreground
-priors' matched boxes and a label gather, image by image. torchvision encodes only the foreground
-priors (it needs no more); ours encodes all P, so ours does more arithmetic, not less.
+priors' matched boxes and a label gather, image by image. Both encode only the foreground priors
+(ours returns zeros for the rest).
 
 Inputs: 32 images with 1..40 random GT boxes each (seeded), priors of the ``ssd300_vgg16`` preset
 (8732), float32, boxes in [0, 1]. The anchors' xyxy form is precomputed for the peer (torchvision
