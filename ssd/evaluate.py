@@ -129,6 +129,19 @@ def _require(obj: Any, keys: Sequence[str], where: str) -> None:
 # evaluate pipeline) handle one exception type: hence the TRY004 exemptions below.
 
 
+def _records_with_unique_ids(data: Mapping[str, Any], key: str, src: str) -> list[dict[str, Any]]:
+    """Copies of ``data[key]``'s records, each with an ``id``, ids unique, at least one record."""
+    records = []
+    for i, record in enumerate(data[key]):
+        _require(record, ("id",), f"{src}: {key}[{i}]")
+        records.append(dict(record))
+    if len({r["id"] for r in records}) != len(records):
+        raise ValueError(f"{src}: '{key}' has duplicate ids")
+    if not records:
+        raise ValueError(f"{src}: '{key}' is empty")
+    return records
+
+
 def _prepare_gt(data: Any, src: str) -> dict[str, Any]:
     """Validate a COCO ground-truth dict and return a fresh, minimal copy for pycocotools.
 
@@ -151,25 +164,10 @@ def _prepare_gt(data: Any, src: str) -> dict[str, Any]:
             kind = type(data[key]).__name__
             raise ValueError(f"{src}: '{key}' must be a list, got {kind}")  # noqa: TRY004
 
-    images = []
-    for i, img in enumerate(data["images"]):
-        _require(img, ("id",), f"{src}: images[{i}]")
-        images.append(dict(img))
+    images = _records_with_unique_ids(data, "images", src)
     image_ids = {img["id"] for img in images}
-    if len(image_ids) != len(images):
-        raise ValueError(f"{src}: 'images' has duplicate ids")
-    if not images:
-        raise ValueError(f"{src}: 'images' is empty")
-
-    categories = []
-    for i, cat in enumerate(data["categories"]):
-        _require(cat, ("id",), f"{src}: categories[{i}]")
-        categories.append(dict(cat))
+    categories = _records_with_unique_ids(data, "categories", src)
     cat_ids = {cat["id"] for cat in categories}
-    if len(cat_ids) != len(categories):
-        raise ValueError(f"{src}: 'categories' has duplicate ids")
-    if not categories:
-        raise ValueError(f"{src}: 'categories' is empty")
 
     annotations = []
     for i, ann in enumerate(data["annotations"]):

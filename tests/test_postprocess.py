@@ -19,24 +19,13 @@ def _sorted(boxes, scores, labels):
     return boxes[order], scores[order], labels[order]
 
 
-def test_nms_equals_torchvision_ssd_postprocess_detections():
-    spec = PriorSpec.preset("ssd300_vgg16")
-    priors = spec.generate()
+def test_dense_path_equals_torchvision_ssd_postprocess_detections():
+    # Random outputs: nearly every prior can pass 0.01, so the dense pre-NMS top-k runs.
+    priors = PriorSpec.preset("ssd300_vgg16").generate()
     loc, logits = _outputs(2, priors.shape[0], 21, seed=0)
-    tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=21, score_thresh=0.01,
-                      nms_thresh=0.45, detections_per_img=200, topk_candidates=400)
-    anchors = cxcywh_to_xyxy(priors) * 300
-    expected = tv.postprocess_detections(
-        {"bbox_regression": loc, "cls_logits": logits}, [anchors, anchors], [(300, 300), (300, 300)]
-    )
     ours = postprocess(loc, logits, priors, PostprocessConfig(), image_sizes=[(300, 300)] * 2)
-    for mine, ref in zip(ours, expected):
-        assert len(mine["scores"]) == len(ref["scores"]) == 200
-        b1, s1, l1 = _sorted(mine["boxes"], mine["scores"], mine["labels"])
-        b2, s2, l2 = _sorted(ref["boxes"], ref["scores"], ref["labels"])
-        assert torch.allclose(s1, s2, atol=1e-6)
-        assert torch.equal(l1, l2)
-        assert torch.allclose(b1, b2, atol=1e-3)
+    assert [len(d["scores"]) for d in ours] == [200, 200]
+    _assert_same(ours, _torchvision_reference(loc, logits, priors, 200))
 
 
 def test_thresholds_top_k_and_sorting():
