@@ -91,3 +91,23 @@ def test_targets_are_zero_off_the_positives_and_threshold_must_be_positive():
     assert targets[labels > 0].abs().sum() > 0
     with pytest.raises(ValueError, match="iou_threshold"):
         _match([[[0.0, 0.4, 0.4, 0.6]]], [[3]], iou_threshold=0.0)
+
+
+def test_chunked_matching_equals_one_chunk_and_keeps_the_first_maximum(monkeypatch):
+    from ssd import matching
+
+    # Priors 1 and 6 are identical, so they tie as the box's best prior; with chunks of 3 they
+    # land in different chunks and the earlier one must still win, as in a single pass.
+    priors = torch.tensor([[0.8, 0.8, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2]] + [[0.1, 0.1, 0.05, 0.05]] * 4
+                          + [[0.5, 0.5, 0.2, 0.2], [0.9, 0.2, 0.1, 0.1]])
+    gt = pad_targets([torch.tensor([[0.45, 0.45, 0.55, 0.55]])], [torch.tensor([4])])
+    g = torch.Generator().manual_seed(5)
+    boxes, labels = _random_batch(g, 6, None)
+    random_gt = pad_targets(boxes, labels)
+    random_priors = torch.cat((torch.rand(300, 2, generator=g), torch.rand(300, 2, generator=g) * 0.4 + 0.02), 1)
+    single = [match_priors(priors, *gt), match_priors(random_priors, *random_gt)]
+    monkeypatch.setattr(matching, "_chunk_size", lambda *args: 3)
+    chunked = [match_priors(priors, *gt), match_priors(random_priors, *random_gt)]
+    assert single[0][0].tolist() == [[0, 4, 0, 0, 0, 0, 0, 0]]
+    for (l1, t1), (l2, t2) in zip(single, chunked):
+        assert torch.equal(l1, l2) and torch.equal(t1, t2)

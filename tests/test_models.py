@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torchvision
@@ -147,6 +149,17 @@ def test_width_mult_scales_the_mobilenets() -> None:
 
 
 # ---------------------------------------------------------------- output order == prior order
+@contextlib.contextmanager
+def _replaced_outputs(convs_and_fns):
+    """Within the block, each (conv, fn) pair's conv returns ``fn(output)`` instead."""
+    handles = [conv.register_forward_hook(lambda m, i, o, fn=fn: fn(o)) for conv, fn in convs_and_fns]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _level_offsets(spec: PriorSpec) -> list[int]:
     counts = [f * f * a for f, a in zip(spec.feature_maps, spec.boxes_per_location())]
     return [sum(counts[:i]) for i in range(len(counts))]
@@ -176,20 +189,13 @@ def test_outputs_are_placed_in_prior_order(tiny_model: SSD) -> None:
         j = torch.arange(w).view(1, 1, w)
         return (level * 1_000_000 + ch * 10_000 + i * 100 + j).double().unsqueeze(0)  # (1,C,H,W)
 
-    handles = []
-    for level, (loc, conf) in enumerate(zip(tiny_model.head.loc, tiny_model.head.conf)):
-        for conv in (loc, conf):
-            handles.append(
-                conv.register_forward_hook(
-                    lambda mod, inp, out, level=level: code(level, *out.shape[1:]).to(out.dtype)
-                )
-            )
-    try:
-        with torch.no_grad():
-            loc_out, conf_out = tiny_model(torch.zeros(1, 3, 128, 128))
-    finally:
-        for handle in handles:
-            handle.remove()
+    replaced = [
+        (conv, lambda out, level=level: code(level, *out.shape[1:]).to(out.dtype))
+        for level, pair in enumerate(zip(tiny_model.head.loc, tiny_model.head.conf))
+        for conv in pair
+    ]
+    with _replaced_outputs(replaced), torch.no_grad():
+        loc_out, conf_out = tiny_model(torch.zeros(1, 3, 128, 128))
     c = tiny_model.num_classes
     for level, (f, a) in enumerate(zip(spec.feature_maps, spec.boxes_per_location())):
         for i, j, anchor in [(0, 0, 0), (0, f - 1, a - 1), (f - 1, 0, 1), (f // 2, f - 1, a // 2)]:
@@ -223,16 +229,12 @@ def test_head_rows_line_up_with_generated_prior_geometry(tiny_model: SSD) -> Non
             out[0, a * 4 + 2], out[0, a * 4 + 3] = w, h
         return out.clamp(0, 1)
 
-    handles = [
-        conv.register_forward_hook(lambda m, i, o, level=level: geometry(level).to(o.dtype))
+    replaced = [
+        (conv, lambda out, level=level: geometry(level).to(out.dtype))
         for level, conv in enumerate(tiny_model.head.loc)
     ]
-    try:
-        with torch.no_grad():
-            loc_out, _ = tiny_model(torch.zeros(1, 3, 128, 128))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _replaced_outputs(replaced), torch.no_grad():
+        loc_out, _ = tiny_model(torch.zeros(1, 3, 128, 128))
     assert loc_out.shape[1] == priors.shape[0] == offsets[-1] + spec.feature_maps[-1] ** 2 * 4
     torch.testing.assert_close(loc_out[0].double(), priors, atol=1e-6, rtol=0)
 
