@@ -14,8 +14,8 @@ Conventions (see docs/DESIGN.md, "Contracts"):
   :class:`Normalize`, the last step, makes it ``float32``.
 - ``target``: a dict with ``"boxes"`` float (N, 4) xyxy in **absolute pixels of the current
   image** and ``"labels"`` int64 (N,). The other keys in :data:`PER_OBJECT_KEYS` (``difficult``,
-  ``iscrowd``) are per-object tensors of length N, filtered together with the boxes whenever a
-  box is dropped. Every other key (``image_id``, ``width``, ``height``, ...) passes through
+  ``iscrowd``, ``truncated``) are per-object tensors of length N, filtered together with the
+  boxes whenever a box is dropped. Every other key (``image_id``, ``width``, ``height``, ...) passes through
   untouched. N may be 0. Transforms never modify their inputs; they return new dicts.
 - After :class:`ToRelativeBoxes` the boxes are xyxy in [0, 1] of the output image.
 
@@ -53,7 +53,7 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: Target keys holding one entry per object; they are filtered together whenever boxes are dropped.
-PER_OBJECT_KEYS: tuple[str, ...] = ("boxes", "labels", "difficult", "iscrowd")
+PER_OBJECT_KEYS: tuple[str, ...] = ("boxes", "labels", "difficult", "iscrowd", "truncated")
 
 
 # --------------------------------------------------------------------------------------------
