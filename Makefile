@@ -33,4 +33,4 @@ lint: venv
 	$(VENV)/bin/ruff check ssd pipelines tests benchmarks
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache data

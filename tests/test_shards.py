@@ -273,3 +273,22 @@ def test_count_mismatch_with_dataset_json_is_an_error(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps(info))
     with pytest.raises(ShardFormatError, match="shard-000001.tar: 2 samples, but dataset.json says 4"):
         list(ShardStream(ShardSet.open(tmp_path), train=False).raw_samples())
+
+
+def test_pipe_and_s3_urls_stream_like_local_files(tmp_path, monkeypatch):
+    write_shards(tmp_path / "local", [3, 2])
+    info = json.loads((tmp_path / "local" / "dataset.json").read_text())
+    # shard URLs as shell commands, as for object storage without a mounted file system
+    for shard in info["shards"]:
+        shard["url"] = f"pipe:cat {tmp_path / 'local' / shard['url']}"
+    (tmp_path / "piped").mkdir()
+    (tmp_path / "piped" / "dataset.json").write_text(json.dumps(info))
+    piped = ShardSet.open(tmp_path / "piped")
+    assert piped.urls[0].startswith("pipe:cat ")
+    assert [k for k, _, _ in read_samples(piped)] == [k for k, _, _ in read_samples(ShardSet.open(tmp_path / "local"))]
+
+    # s3:// goes through $SSD_S3_COMMAND; a stand-in CLI maps the bucket onto the local folder
+    monkeypatch.setenv("SSD_S3_COMMAND", f"sh -c 'cat {tmp_path}/\"${{0#s3://bucket/}}\"' {{url}}")
+    remote = ShardSet.open("s3://bucket/local/dataset.json")
+    assert remote.urls == ("s3://bucket/local/shard-000000.tar", "s3://bucket/local/shard-000001.tar")
+    assert len(list(ShardStream(remote, train=False))) == 5

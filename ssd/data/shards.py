@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import shlex
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -254,7 +255,8 @@ def _join(base: str, name: str) -> str:
 def to_readable_url(url: str) -> str:
     """Map ``s3://`` to a ``pipe:`` command WebDataset can open; other URLs pass through."""
     if url.startswith("s3://"):
-        return "pipe:" + os.environ.get(S3_COMMAND_ENV, DEFAULT_S3_COMMAND).format(url=url)
+        # replace, not str.format: shell commands have braces of their own
+        return "pipe:" + os.environ.get(S3_COMMAND_ENV, DEFAULT_S3_COMMAND).replace("{url}", shlex.quote(url))
     return url
 
 
