@@ -4,7 +4,8 @@ Every benchmark times *ours* and the *peer* (torchvision) in the same process, i
 two (ours, peer, ours, peer, ...) so that a load spike from another process on the machine hits
 both sides alike. A repeat is the mean of ``--number`` back-to-back calls; we report the median
 and the inter-quartile range (IQR) of the repeats, and the ratio peer median / ours median
-(> 1 means ours is faster).
+(> 1 means ours is faster). Throughput benchmarks (input_pipeline) report rates instead
+(``stats``, e.g. samples/s per epoch) and the ratio ours / peer, still > 1 when ours is faster.
 """
 
 from __future__ import annotations
@@ -112,6 +113,25 @@ def stats_ms(samples_s: list[float]) -> dict[str, Any]:
     }
 
 
+def stats(values: list[float], unit: str) -> dict[str, Any]:
+    """Median/IQR of per-repeat values in any unit (e.g. samples/s); keys without ``_ms``."""
+    v = sorted(values)
+    if len(v) >= 2:
+        q1, _, q3 = statistics.quantiles(v, n=4, method="inclusive")
+    else:
+        q1 = q3 = v[0]
+    return {
+        "unit": unit,
+        "median": statistics.median(v),
+        "iqr": q3 - q1,
+        "q1": q1,
+        "q3": q3,
+        "min": v[0],
+        "max": v[-1],
+        "samples": v,
+    }
+
+
 def time_side_by_side(
     ours: Callable[[], Any],
     peer: Callable[[], Any],
@@ -136,9 +156,19 @@ def time_side_by_side(
 
 
 def case_result(
-    case: str, ours: dict[str, Any], peer: dict[str, Any], goal: float, note: str = ""
+    case: str,
+    ours: dict[str, Any],
+    peer: dict[str, Any],
+    goal: float,
+    note: str = "",
+    higher_is_better: bool = False,
 ) -> dict[str, Any]:
-    ratio = peer["median_ms"] / ours["median_ms"]
+    """One table row. Times (``stats_ms``): ratio = peer / ours. Rates (``stats``, e.g.
+    samples/s; ``higher_is_better``): ratio = ours / peer. Either way > 1 means ours is faster."""
+    if higher_is_better:
+        ratio = ours["median"] / peer["median"]
+    else:
+        ratio = peer["median_ms"] / ours["median_ms"]
     return {
         "case": case,
         "ours": ours,
@@ -150,20 +180,31 @@ def case_result(
     }
 
 
+#: columns of ``markdown_table``; a result's ``"table"`` entry overrides them (e.g. a rate
+#: benchmark: ``{"unit": "samples/s", "peer": "folder", "ratio": "ours / folder", "digits": 0}``)
+TABLE_DEFAULTS: dict[str, Any] = {
+    "unit": "ms", "peer": "torchvision", "ratio": "tv / ours", "digits": 2
+}
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """The results table of one benchmark's JSON (also used by run_all.py for the docs)."""
+    spec = {**TABLE_DEFAULTS, **result.get("table", {})}
+    unit, digits = spec["unit"], spec["digits"]
     lines = [
         (
-            "| case | ours ms (median ± IQR) | torchvision ms (median ± IQR) "
-            "| ratio (tv / ours) | goal | met? |"
+            f"| case | ours {unit} (median ± IQR) | {spec['peer']} {unit} (median ± IQR) "
+            f"| ratio ({spec['ratio']}) | goal | met? |"
         ),
         "|---|---:|---:|---:|---:|:---:|",
     ]
     for c in result["cases"]:
         o, p = c["ours"], c["peer"]
+        key = "median_ms" if "median_ms" in o else "median"
+        iqr = "iqr_ms" if "iqr_ms" in o else "iqr"
         lines.append(
-            f"| {c['case']} | {o['median_ms']:.2f} ± {o['iqr_ms']:.2f} "
-            f"| {p['median_ms']:.2f} ± {p['iqr_ms']:.2f} | **{c['ratio']:.2f}x** "
+            f"| {c['case']} | {o[key]:.{digits}f} ± {o[iqr]:.{digits}f} "
+            f"| {p[key]:.{digits}f} ± {p[iqr]:.{digits}f} | **{c['ratio']:.2f}x** "
             f"| ≥ {c['goal']:g}x | {'yes' if c['met'] else 'no'} |"
         )
     return "\n".join(lines)

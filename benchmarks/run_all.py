@@ -9,11 +9,17 @@ Each benchmark runs in its own process (``benchmarks/bench_<name>.py --threads N
 benchmarks/results/<name>_t<N>.json``); the tables between the ``<!-- bench:<name> -->`` markers of
 docs/BENCHMARKS.md are then rewritten from every ``results/<name>_t*.json`` found. Everything
 outside the markers (the prose) is left as it is.
+
+``input_pipeline`` runs once, at 1 torch thread, whatever ``--threads`` says: its work happens in
+DataLoader worker processes, which torch runs at 1 thread each, and it compares 1 and 2 loader
+workers itself. It needs the VOC data (``bench_input_pipeline.DEFAULT_VOC_ROOT``) and is skipped
+without it. Its docs section also gets the extra tables of ``bench_input_pipeline.extra_markdown``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import re
@@ -28,8 +34,13 @@ from _common import RESULTS_DIR, machine_line, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
-BENCHMARKS = ("matching", "postprocess", "train_step")
+BENCHMARKS = ("matching", "postprocess", "train_step", "input_pipeline")
 SCRIPTS = {name: f"bench_{name}.py" for name in BENCHMARKS}
+#: benchmarks that run at these thread counts only, whatever --threads says
+FIXED_THREADS = {"input_pipeline": (1,)}
+#: benchmarks whose module ``bench_<name>`` has a function of the result JSON returning markdown
+#: to put after the cases table in the docs
+EXTRA_TABLES = {"input_pipeline": "extra_markdown"}
 
 
 def models_available() -> bool:
@@ -41,6 +52,13 @@ def models_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def voc_available() -> bool:
+    """The input-pipeline benchmark needs real VOC data at its default location."""
+    from bench_input_pipeline import DEFAULT_VOC_ROOT, IMAGE_SET, YEAR
+
+    return (DEFAULT_VOC_ROOT / f"VOC{YEAR}" / "ImageSets" / "Main" / f"{IMAGE_SET}.txt").is_file()
 
 
 def run(name: str, threads: int, extra: list[str]) -> Path:
@@ -60,6 +78,9 @@ def tables(name: str) -> str:
     if not files:
         return f"_No results yet: run `python benchmarks/run_all.py --only {name}`._"
     parts = []
+    extra = None
+    if name in EXTRA_TABLES:
+        extra = getattr(importlib.import_module(f"bench_{name}"), EXTRA_TABLES[name])
     for path in files:
         result = json.loads(path.read_text())
         s = result["settings"]
@@ -69,6 +90,7 @@ def tables(name: str) -> str:
             f"({s['warmup']} warm-up, {s['repeats']} timed repeats per side, interleaved; "
             f"run {result['date']}, library {result.get('library_commit', 'unrecorded')})  \n"
             f"Machine: {machine_line(result)}\n\n{markdown_table(result)}"
+            + (f"\n\n{extra(result)}" if extra is not None else "")
         )
     return "\n\n".join(parts)
 
@@ -108,7 +130,15 @@ def main(argv: list[str] | None = None) -> None:
             if name == "train_step" and not models_available():
                 print("skipping train_step: ssd.models.build_model is not importable yet")
                 continue
-            for threads in (int(t) for t in args.threads.split(",")):
+            if name == "input_pipeline" and not voc_available():
+                print("skipping input_pipeline: no VOC2007 data (see bench_input_pipeline.py)")
+                continue
+            thread_counts = [int(t) for t in args.threads.split(",")]
+            if name in FIXED_THREADS:
+                if thread_counts != list(FIXED_THREADS[name]):
+                    print(f"{name} runs at {FIXED_THREADS[name]} torch thread(s) only")
+                thread_counts = list(FIXED_THREADS[name])
+            for threads in thread_counts:
                 run(name, threads, args.extra)
     update_doc()
 

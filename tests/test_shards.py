@@ -13,24 +13,28 @@ import pytest
 import torch
 from PIL import Image
 
+from ssd.data.sharding import (
+    ShardSlice,
+    min_rank_samples,
+    rank_slices,
+    shard_order,
+    steps_per_epoch,
+    worker_split,
+)
 from ssd.data.shards import (
     ShardFormatError,
     ShardLoader,
     ShardSet,
-    ShardSlice,
     ShardStream,
     ShardWriter,
     _tar_size,
     content_hash,
     encode_json,
-    min_rank_samples,
-    rank_slices,
+    pack_batch,
     read_samples,
     rebatch,
-    shard_order,
-    steps_per_epoch,
     tar_file_size,
-    worker_split,
+    unpack_targets,
 )
 from ssd.transforms import build_transform
 
@@ -150,7 +154,7 @@ def _epoch_keys(shards: ShardSet, world: int, workers: int, train: bool, epoch: 
     return per_rank
 
 
-@pytest.mark.parametrize("sizes", [[5], [4, 4, 4], [5, 3, 4, 1, 6], [2, 2, 2, 2, 2, 2, 2]])
+@pytest.mark.parametrize("sizes", [[5], [4, 4, 4], [5, 3, 4, 1, 6], [2] * 7, [2] * 17 + [1] * 9])
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_every_sample_exactly_once_across_ranks_and_workers(tmp_path, sizes, world, workers):
@@ -197,9 +201,10 @@ def test_steps_per_epoch_and_a_clear_error_when_data_is_too_small():
         steps_per_epoch([5, 5], world_size=4, batch_size=4)
 
 
-def test_worker_split_uses_whole_slices_when_there_are_enough():
-    slices = [ShardSlice(i) for i in range(5)]
-    assert worker_split(slices, 2, 1) == ([ShardSlice(1), ShardSlice(3)], 1, 0)
+def test_worker_split_uses_whole_slices_only_when_each_worker_gets_many():
+    slices = [ShardSlice(i) for i in range(16)]
+    assert worker_split(slices, 2, 1) == (slices[1::2], 1, 0)
+    assert worker_split(slices[:15], 2, 1) == (slices[:15], 2, 1)  # 7 and 8 would be uneven: by sample
     assert worker_split(slices[:1], 3, 2) == ([ShardSlice(0)], 3, 2)
 
 
@@ -292,3 +297,21 @@ def test_pipe_and_s3_urls_stream_like_local_files(tmp_path, monkeypatch):
     remote = ShardSet.open("s3://bucket/local/dataset.json")
     assert remote.urls == ("s3://bucket/local/shard-000000.tar", "s3://bucket/local/shard-000001.tar")
     assert len(list(ShardStream(remote, train=False))) == 5
+
+
+def test_packed_batches_unpack_to_the_same_targets():
+    targets = [
+        {"boxes": torch.rand(n, 4), "labels": torch.arange(n), "iscrowd": torch.zeros(n, dtype=torch.bool),
+         "image_id": torch.tensor(i), "orig_size": torch.tensor([10 + i, 20])}
+        for i, n in enumerate([2, 0, 3])
+    ]
+    images, packed = pack_batch([(torch.full((3, 4, 4), float(i)), t) for i, t in enumerate(targets)])
+    assert images.shape == (3, 3, 4, 4) and images[2].eq(2).all()
+    assert packed["counts"].tolist() == [2, 0, 3] and packed["boxes"].shape == (5, 4)
+    assert len(packed) == 6  # a handful of tensors per batch, whatever the batch size
+    unpacked = unpack_targets(packed)
+    assert len(unpacked) == 3
+    for got, want in zip(unpacked, targets):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
