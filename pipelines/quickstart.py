@@ -79,9 +79,10 @@ def main(args: argparse.Namespace) -> dict:
     torch.manual_seed(cfg.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = cfg.priors.image_size
-    train_tf = build_transform(size, cfg.augment.strength, train=True, mean=cfg.augment.mean, std=cfg.augment.std)
+    # normalize=False: loaders hand over uint8 batches; the trainer normalises them on the device.
+    train_tf = build_transform(size, cfg.augment.strength, train=True, mean=cfg.augment.mean, normalize=False)
     # min_size=0: evaluation keeps every annotated object, however small at the network size.
-    eval_tf = build_transform(size, 0.0, train=False, mean=cfg.augment.mean, std=cfg.augment.std, min_size=0.0)
+    eval_tf = build_transform(size, 0.0, train=False, min_size=0.0, normalize=False)
     train_loader = ShardLoader(ShardStream(train_set, train_tf, train=True, seed=cfg.train.seed),
                                cfg.train.batch_size, num_workers=args.workers)
     val_loader = ShardLoader(ShardStream(val_set, eval_tf, train=False), cfg.train.batch_size, num_workers=0)

@@ -19,6 +19,7 @@ from ssd.config import Config, OptimConfig
 from ssd.loss import MultiBoxLoss
 from ssd.matching import match_priors, pad_targets
 from ssd.postprocess import PostprocessConfig, postprocess
+from ssd.transforms import normalize
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]
 
@@ -59,6 +60,20 @@ def build_scheduler(
     )
 
 
+def network_input(
+    images: Tensor, cfg: Config, device: torch.device, memory_format: torch.memory_format
+) -> Tensor:
+    """A loader batch (B, 3, S, S) -> the model's input on ``device``.
+
+    uint8 batches (``build_transform(normalize=False)``) are moved as bytes and normalised on the
+    device with ``cfg.augment``'s mean and std; float batches are taken as already normalised.
+    """
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = normalize(images, cfg.augment.mean, cfg.augment.std)
+    return images.contiguous(memory_format=memory_format)
+
+
 class Trainer:
     """Owns the model, priors, loss and optimizer of one process and runs the step.
 
@@ -96,7 +111,7 @@ class Trainer:
 
     def step(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, float]:
         """One optimisation step on a batch; targets hold ``boxes`` in [0, 1] and ``labels``."""
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        images = network_input(images, self.cfg, self.device, self.memory_format)
         gt_boxes, gt_labels, gt_mask = pad_targets(
             [t["boxes"] for t in targets], [t["labels"] for t in targets], self.device
         )
@@ -184,7 +199,7 @@ def evaluate(
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     for images, targets in batches:
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-        images = images.to(device).contiguous(memory_format=memory_format)
+        images = network_input(images, cfg, device, memory_format)
         detections = predict(model, images, priors, cfg.postprocess, image_sizes=sizes)
         for det, target, (height, width) in zip(detections, targets, sizes.tolist()):
             scale = torch.tensor([width, height, width, height], dtype=torch.float32)

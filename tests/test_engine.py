@@ -3,7 +3,7 @@ import torch
 
 from ssd.config import OptimConfig, load_config
 from ssd.data.synthetic import CLASSES, SyntheticDetection
-from ssd.engine import Trainer, build_optimizer, build_scheduler, collate, lr_factor
+from ssd.engine import Trainer, build_optimizer, build_scheduler, collate, lr_factor, network_input
 from ssd.models import build_model
 from ssd.transforms import build_transform
 
@@ -47,3 +47,16 @@ def test_non_finite_loss_stops_with_a_clear_error():
     images[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         Trainer(model, cfg, optimizer).step(images, targets)
+
+
+def test_uint8_batches_are_normalised_on_the_device_like_in_the_workers():
+    cfg = load_config("tiny", [f"model.num_classes={len(CLASSES) + 1}"])
+    size = cfg.priors.image_size
+    data = SyntheticDetection(4, transform=build_transform(size, 0.0, train=False, normalize=False))
+    ref = SyntheticDetection(4, transform=build_transform(size, 0.0, train=False))
+    raw, _ = collate([data[i] for i in range(4)])
+    want, _ = collate([ref[i] for i in range(4)])
+    assert raw.dtype == torch.uint8 and want.dtype == torch.float32
+    got = network_input(raw, cfg, torch.device("cpu"), torch.channels_last)
+    assert torch.allclose(got, want, atol=1e-5) and got.is_contiguous(memory_format=torch.channels_last)
+    assert network_input(want, cfg, torch.device("cpu"), torch.contiguous_format) is want  # float: as is

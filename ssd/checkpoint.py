@@ -1,0 +1,166 @@
+"""Training checkpoints: one directory per checkpoint, written atomically, loaded weights-only.
+
+Layout of a checkpoint directory (DESIGN.md section 3, "Checkpoint")::
+
+    model.pt       the model's state dict (unwrapped from DDP / torch.compile)
+    training.pt    optimizer, LR scheduler and grad-scaler states, torch RNG state
+    meta.json      epoch, global step, class names, metrics, format version
+    config.yaml    the resolved run config (``pipelines/train.py --config`` accepts it)
+
+Atomic: everything is written into a hidden sibling folder, flushed to disk, and renamed into
+place, so a reader sees either the whole previous checkpoint or the whole new one, never a torn
+mix (a crash mid-write leaves only the hidden folder). Loading uses ``torch.load(...,
+weights_only=True)``: a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssd.config import Config, config_from_dict
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """What ``load_checkpoint`` returns; states are plain dicts ready for ``load_state_dict``."""
+
+    model: dict[str, Any]
+    epoch: int
+    step: int
+    config: Config
+    classes: list[str]
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    rng: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (``.module``) and/or ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    epoch: int,
+    step: int,
+    config: Config,
+    classes: list[str] | tuple[str, ...],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """Write a checkpoint directory at ``path`` atomically (replacing one already there).
+
+    ``epoch`` is the number of epochs completed: a run resumed from it starts at epoch ``epoch``
+    (0-based) with the optimizer, scheduler and RNG exactly as they were.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    training = {
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": torch.get_rng_state(),
+    }
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "epoch": int(epoch),
+        "step": int(step),
+        "classes": list(classes),
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+    }
+    torch.save(unwrap(model).state_dict(), tmp / "model.pt")
+    torch.save(training, tmp / "training.pt")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    (tmp / "config.yaml").write_text(config.to_yaml())
+    _fsync_tree(tmp)
+    if path.exists():  # swap: the old one is renamed away first, then deleted
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint directory written by ``save_checkpoint`` (weights only, no pickled code)."""
+    path = Path(path)
+    missing = [name for name in ("model.pt", "training.pt", "meta.json", "config.yaml") if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path / 'meta.json'}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    import yaml
+
+    training = torch.load(path / "training.pt", map_location=map_location, weights_only=True)
+    return Checkpoint(
+        model=torch.load(path / "model.pt", map_location=map_location, weights_only=True),
+        epoch=meta["epoch"],
+        step=meta["step"],
+        config=config_from_dict(yaml.safe_load((path / "config.yaml").read_text())),
+        classes=meta["classes"],
+        optimizer=training["optimizer"],
+        scheduler=training["scheduler"],
+        scaler=training["scaler"],
+        rng=training["rng"],
+        metrics=meta["metrics"],
+    )
+
+
+def restore(
+    checkpoint: Checkpoint,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+    restore_rng: bool = True,
+) -> None:
+    """Load a checkpoint's states into live objects (the model may be DDP-wrapped)."""
+    unwrap(model).load_state_dict(checkpoint.model)
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        state = getattr(checkpoint, name)
+        if target is not None:
+            if state is None:
+                raise ValueError(f"the checkpoint holds no {name} state to restore")
+            target.load_state_dict(state)
+    if restore_rng and checkpoint.rng is not None:
+        torch.set_rng_state(checkpoint.rng)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for file in directory.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
