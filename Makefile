@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast bench lint clean
+.PHONY: venv demo test test-fast bench lint clean up down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test-fast: venv
 ## bench: side-by-side benchmarks against torchvision; tables in docs/BENCHMARKS.md
 bench: venv
 	$(PY) benchmarks/run_all.py
+
+## up / down: a local Ray head and MLflow server on 127.0.0.1 (infra/local/start.sh, stop.sh)
+up: venv
+	infra/local/start.sh
+
+down:
+	infra/local/stop.sh
 
 lint: venv
 	$(VENV)/bin/ruff check ssd pipelines tests benchmarks
