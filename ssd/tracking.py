@@ -1,0 +1,135 @@
+"""MLflow tracking for world rank 0: a thin wrapper whose failures never stop training.
+
+Where runs go: ``--mlflow-uri`` if given, else ``$MLFLOW_TRACKING_URI``, else a SQLite store and
+an artifact folder at a fixed absolute place (``~/.cache/ssd-ray/mlflow``, or
+``$SSD_MLFLOW_HOME``): the same place however and from wherever a job is submitted, and the same
+store ``infra/local/start.sh`` serves (MLflow 3.17's own default is a ``mlflow.db`` in the
+current directory, which moves with a Ray job's working dir).
+
+MLflow being unreachable must not lose a training run: every call is guarded; the first failure
+is logged as a warning with the reason, and the tracker turns itself off for the rest of the run
+(training, checkpoints and console output go on). HTTP retries are capped (``MLFLOW_HTTP_REQUEST_*``
+unless the user set them), so an unreachable server costs seconds, not minutes of backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOME_ENV = "SSD_MLFLOW_HOME"
+
+
+def mlflow_home() -> Path:
+    return Path(os.environ.get(DEFAULT_HOME_ENV, Path.home() / ".cache" / "ssd-ray" / "mlflow")).expanduser().resolve()
+
+
+def resolve_tracking_uri(cli_uri: str | None = None) -> str:
+    """``cli_uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<mlflow_home()>/mlflow.db``."""
+    if cli_uri:
+        return cli_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    home = mlflow_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+class Tracker:
+    """One MLflow run, logged from world rank 0 only; a no-op elsewhere or once MLflow fails.
+
+    Args:
+        uri: the tracking URI (see ``resolve_tracking_uri``).
+        experiment: experiment name (created when missing; for a local SQLite store its
+            artifacts go under ``mlflow_home()/artifacts``).
+        run_name: the run's name; ``tags`` are set on it.
+        enabled: False (ranks other than 0) makes every method a no-op.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        *,
+        tags: dict[str, str] | None = None,
+        enabled: bool = True,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.uri = uri
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self.failure: str | None = None
+        if not enabled:
+            return
+        # Fail fast instead of MLflow's default 7 retries with exponential backoff (minutes).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self._guard("start the run", self._start, experiment, run_name, tags or {}, parent_run_id)
+
+    def _start(self, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None) -> None:
+        import mlflow
+
+        self._client = mlflow.MlflowClient(tracking_uri=self.uri)
+        found = self._client.get_experiment_by_name(experiment)
+        if found is None:
+            location = None
+            if self.uri.startswith("sqlite:") or "://" not in self.uri:
+                location = (mlflow_home() / "artifacts" / experiment).as_uri()
+            experiment_id = self._client.create_experiment(experiment, artifact_location=location)
+        else:
+            experiment_id = found.experiment_id
+        if parent_run_id:
+            tags = {**tags, "mlflow.parentRunId": parent_run_id}
+        run = self._client.create_run(experiment_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        log.info("MLflow run %s (%s) at %s", run_name, self.run_id, self.uri)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.failure is None and self.run_id is not None
+
+    def _guard(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled or self.failure is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            self.failure = f"{what}: {type(err).__name__}: {err}"
+            log.warning("MLflow at %s failed to %s; tracking is off for the rest of this run, "
+                        "training and checkpoints go on (%s)", self.uri, what, err)
+            return None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
+        self._guard("log params", lambda: self.active and self._client.log_batch(self.run_id, params=items))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()]
+        self._guard("log metrics", lambda: self.active and self._client.log_batch(self.run_id, metrics=items))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(str(k), str(v)) for k, v in tags.items()]
+        self._guard("set tags", lambda: self.active and self._client.log_batch(self.run_id, tags=items))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._guard("log an artifact",
+                    lambda: self.active and self._client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the run (``FINISHED``, ``FAILED`` or ``KILLED``): never leave it RUNNING."""
+        self._guard("end the run", lambda: self.active and self._client.set_terminated(self.run_id, status))

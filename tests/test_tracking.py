@@ -1,0 +1,113 @@
+"""ssd.tracking against a real MLflow tracking server, and with no server at all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ssd.tracking import Tracker, resolve_tracking_uri
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite store) on loopback, stopped by its process group."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("mlflow server did not start")
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_run_params_metrics_artifacts_land_on_the_server(mlflow_server, tmp_path):
+    import mlflow
+
+    tracker = Tracker(mlflow_server, "ssd-test", "run-1", tags={"data_hash": "abc"})
+    assert tracker.active, tracker.failure
+    tracker.log_params({"optim.lr": 0.05, "priors.s_min": 0.2})
+    tracker.log_metrics({"loss": 3.5, "AP": 0.1}, step=1)
+    tracker.log_metrics({"loss": 2.5, "AP": 0.3}, step=2)
+    (tmp_path / "config.yaml").write_text("optim:\n  lr: 0.05\n")
+    tracker.log_artifact(tmp_path / "config.yaml")
+    tracker.end()
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "run-1"
+    assert run.data.params == {"optim.lr": "0.05", "priors.s_min": "0.2"}
+    assert run.data.tags["data_hash"] == "abc"
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "AP")] == [(1, 0.1), (2, 0.3)]
+    assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["config.yaml"]
+
+
+def test_unreachable_server_warns_once_and_never_raises(caplog, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    start = time.perf_counter()
+    tracker = Tracker(f"http://127.0.0.1:{_free_port()}", "ssd-test", "run")
+    tracker.log_params({"a": 1})
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.end("FAILED")
+    assert time.perf_counter() - start < 30
+    assert not tracker.active and "start the run" in tracker.failure
+    warnings = [r for r in caplog.records if "tracking is off" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_disabled_tracker_on_other_ranks_does_nothing():
+    tracker = Tracker("http://127.0.0.1:1", "x", "y", enabled=False)
+    tracker.log_metrics({"loss": 1.0})
+    assert tracker.run_id is None and tracker.failure is None and not tracker.active
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("SSD_MLFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://server:5000")
+    assert resolve_tracking_uri() == "http://server:5000"
+    assert resolve_tracking_uri("http://cli:1") == "http://cli:1"
+
+
+def test_local_sqlite_store_keeps_artifacts_at_the_fixed_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("SSD_MLFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
+    (tmp_path / "note.txt").write_text("x")
+    tracker = Tracker(resolve_tracking_uri(), "local", "r")
+    tracker.log_artifact(tmp_path / "note.txt")
+    tracker.end()
+    assert tracker.active, tracker.failure
+    assert list((tmp_path / "home" / "artifacts" / "local").rglob("note.txt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "note.txt"]
