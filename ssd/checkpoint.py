@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from ssd.config import Config, config_from_dict
@@ -118,8 +119,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path / 'meta.json'}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
-    import yaml
-
     training = torch.load(path / "training.pt", map_location=map_location, weights_only=True)
     return Checkpoint(
         model=torch.load(path / "model.pt", map_location=map_location, weights_only=True),

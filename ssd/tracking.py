@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,27 +110,24 @@ class Tracker:
         from mlflow.entities import Param
 
         items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
-        self._guard("log params", lambda: self.active and self._client.log_batch(self.run_id, params=items))
+        self._guard("log params", lambda: self._client.log_batch(self.run_id, params=items))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()]
-        self._guard("log metrics", lambda: self.active and self._client.log_batch(self.run_id, metrics=items))
+        self._guard("log metrics", lambda: self._client.log_batch(self.run_id, metrics=items))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(str(k), str(v)) for k, v in tags.items()]
-        self._guard("set tags", lambda: self.active and self._client.log_batch(self.run_id, tags=items))
+        self._guard("set tags", lambda: self._client.log_batch(self.run_id, tags=items))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._guard("log an artifact",
-                    lambda: self.active and self._client.log_artifact(self.run_id, str(path), artifact_path))
+        self._guard("log an artifact", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run (``FINISHED``, ``FAILED`` or ``KILLED``): never leave it RUNNING."""
-        self._guard("end the run", lambda: self.active and self._client.set_terminated(self.run_id, status))
+        self._guard("end the run", lambda: self._client.set_terminated(self.run_id, status))

@@ -8,9 +8,9 @@ Format (written by ``ssd.data.convert``; contract in DESIGN.md section 3):
                                sha256, totals, problem counts, a content hash
 
 Streaming. Every (rank, DataLoader worker) reads its own part of the shards
-(``ssd.data.sharding``), so no sample is read twice in an epoch. In training every rank runs exactly ``steps_per_epoch`` full batches (DDP needs equal step
-counts): the largest number that the smallest possible rank share can fill, whatever the
-permutation. The few samples beyond it in an epoch are not lost: the permutation changes which
+(``ssd.data.sharding``), so no sample is read twice in an epoch. In training every rank runs
+exactly ``steps_per_epoch`` full batches (DDP needs equal step counts): the largest number that
+the smallest possible rank share can fill, whatever the permutation. The few samples beyond it in an epoch are not lost: the permutation changes which
 they are every epoch. In evaluation nothing is shuffled, augmented or cut: every sample is seen
 exactly once across all ranks, and batches are full except the last.
 """
@@ -33,8 +33,10 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from ssd.data.sharding import ShardSlice, rank_slices, shard_order, steps_per_epoch, worker_split
+from ssd.transforms import PER_OBJECT_KEYS
 
 FORMAT_NAME = "ssd-webdataset"
 FORMAT_VERSION = 1
@@ -74,7 +76,6 @@ class ShardWriter:
         self.shards: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
         self._file = None
-        self._hash = None
         self._current: dict[str, Any] = {}
 
     def write(self, key: str, jpg: bytes, meta: dict[str, Any]) -> None:
@@ -209,8 +210,7 @@ class ShardSet:
         spec = os.fspath(spec)
         location = spec if spec.endswith(".json") else _join(spec, DATASET_JSON)
         if _is_local(location) and not Path(location).is_file():
-            hint = " (run pipelines/make_shards.py to create it)" if Path(spec).is_dir() or not spec.endswith(".json") else ""
-            raise FileNotFoundError(f"no {DATASET_JSON} at {location}{hint}")
+            raise FileNotFoundError(f"no {DATASET_JSON} at {location} (pipelines/make_shards.py writes it)")
         try:
             with wds.gopen(to_readable_url(location), "rb") as stream:
                 info = json.loads(stream.read())
@@ -263,8 +263,6 @@ def decode_sample(sample: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
 
     Decoding uses torchvision's JPEG decoder (libjpeg-turbo), straight from the tar bytes.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     meta = json.loads(sample["json"])
     data = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
     image = decode_jpeg(data, mode=ImageReadMode.RGB)
@@ -281,8 +279,7 @@ def decode_sample(sample: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
 
 
 def _select(target: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
-    per_object = ("boxes", "labels", "difficult", "iscrowd")
-    return {k: (v[keep] if k in per_object else v) for k, v in target.items()}
+    return {k: (v[keep] if k in PER_OBJECT_KEYS else v) for k, v in target.items()}
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -376,10 +373,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield image, target
 
 
-#: target keys with one entry per object (packed by concatenation, not stacking)
-_PER_OBJECT = ("boxes", "labels", "difficult", "iscrowd", "truncated")
-
-
 def pack_batch(samples: list) -> tuple[Tensor, dict[str, Tensor]]:
     """Collate in a DataLoader worker: images stacked, targets packed into a few tensors.
 
@@ -392,7 +385,7 @@ def pack_batch(samples: list) -> tuple[Tensor, dict[str, Tensor]]:
     packed = {"counts": torch.tensor([len(t["labels"]) for t in targets])}
     for key in targets[0]:
         values = [t[key] for t in targets]
-        packed[key] = torch.cat(values) if key in _PER_OBJECT else torch.stack(values)
+        packed[key] = torch.cat(values) if key in PER_OBJECT_KEYS else torch.stack(values)
     return torch.stack(images), packed
 
 
@@ -400,7 +393,7 @@ def unpack_targets(packed: dict[str, Tensor]) -> list[dict[str, Tensor]]:
     """The inverse of ``pack_batch``'s target packing: one dict of views per image."""
     counts = packed["counts"].tolist()
     columns = {
-        key: (value.split(counts) if key in _PER_OBJECT else value.unbind(0))
+        key: (value.split(counts) if key in PER_OBJECT_KEYS else value.unbind(0))
         for key, value in packed.items() if key != "counts"
     }
     return [{key: column[i] for key, column in columns.items()} for i in range(len(counts))]
