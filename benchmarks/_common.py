@@ -52,7 +52,7 @@ def get_args_parser(
     return parser
 
 
-def machine_info(threads: int) -> dict[str, Any]:
+def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -66,7 +66,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count()
-    return {
+    info = {
         "cpu": cpu,
         "cores": cores,
         "threads": threads,
@@ -74,10 +74,19 @@ def machine_info(threads: int) -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "device": "cpu",
+        "device": device,
         "loadavg_1min_start": round(START_LOAD, 2),
         "loadavg_1min_end": round(os.getloadavg()[0], 2),
     }
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    return info
 
 
 def library_version() -> str:
@@ -212,7 +221,8 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def machine_line(result: dict[str, Any]) -> str:
     m = result["machine"]
-    line = (
+    gpu = f"{m['gpu']} (CUDA {m['cuda']}, cuDNN {m['cudnn']}); host " if "gpu" in m else ""
+    line = gpu + (
         f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, "
         f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}"
     )
@@ -228,7 +238,7 @@ def finish(
     result = {
         "benchmark": name,
         "command": command,
-        "machine": machine_info(args.threads),
+        "machine": machine_info(args.threads, getattr(args, "device", "cpu")),
         "settings": {
             "repeats": args.repeats,
             "warmup": args.warmup,

@@ -14,6 +14,9 @@ outside the markers (the prose) is left as it is.
 DataLoader worker processes, which torch runs at 1 thread each, and it compares 1 and 2 loader
 workers itself. It needs the VOC data (``bench_input_pipeline.DEFAULT_VOC_ROOT``) and is skipped
 without it. Its docs section also gets the extra tables of ``bench_input_pipeline.extra_markdown``.
+
+``gpu_train`` is GPU-only: skipped without a CUDA device, and run once, at torch's default thread
+count (the host threads barely matter to it), with its defaults (batch 32, bf16, channels_last).
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ from _common import RESULTS_DIR, machine_line, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
-BENCHMARKS = ("matching", "postprocess", "train_step", "input_pipeline")
+BENCHMARKS = ("matching", "postprocess", "train_step", "input_pipeline", "gpu_train")
 SCRIPTS = {name: f"bench_{name}.py" for name in BENCHMARKS}
 #: benchmarks that run at these thread counts only, whatever --threads says
-FIXED_THREADS = {"input_pipeline": (1,)}
+FIXED_THREADS = {"input_pipeline": (1,), "gpu_train": (torch.get_num_threads(),)}
+#: benchmarks that need a CUDA device (skipped without one)
+GPU_ONLY = {"gpu_train"}
 #: benchmarks whose module ``bench_<name>`` has a function of the result JSON returning markdown
 #: to put after the cases table in the docs
-EXTRA_TABLES = {"input_pipeline": "extra_markdown"}
+EXTRA_TABLES = {"input_pipeline": "extra_markdown", "gpu_train": "extra_markdown"}
 
 
 def models_available() -> bool:
@@ -129,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             if name == "train_step" and not models_available():
                 print("skipping train_step: ssd.models.build_model is not importable yet")
+                continue
+            if name in GPU_ONLY and not torch.cuda.is_available():
+                print(f"skipping {name}: no CUDA device")
                 continue
             if name == "input_pipeline" and not voc_available():
                 print("skipping input_pipeline: no VOC2007 data (see bench_input_pipeline.py)")

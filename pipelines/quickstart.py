@@ -6,7 +6,8 @@
     python pipelines/quickstart.py --smoke-test          # a few steps, for CI
 
 With no ``--data``, the embedded synthetic dataset is written in the real COCO layout under
-``data/synthetic/source`` and converted to shards (``data/synthetic/{train,val}``) by the same
+``~/.cache/ssd-ray/data/synthetic/source`` (``$SSD_DATA_HOME``) and converted to shards
+(``.../synthetic/{train,val}``) by the same
 reader and converter as real data, once; later runs reuse it. No download, no GPU needed (a GPU is
 used when present). Prints the loss per epoch and the COCO mAP on the validation shards before and
 after training. The distributed job on Ray is ``pipelines/train.py``; this script is the library
@@ -26,14 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, too
 
 from ssd.config import load_config
-from ssd.data.convert import make_synthetic_shards
+from ssd.data.convert import default_data_home, ensure_synthetic_shards
 from ssd.data.shards import ShardLoader, ShardSet, ShardStream
 from ssd.engine import Trainer, build_optimizer, build_scheduler, evaluate
 from ssd.evaluate import CocoEvaluator
 from ssd.models import build_model
 from ssd.transforms import build_transform
-
-DEFAULT_DATA = ROOT / "data" / "synthetic"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,28 +51,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def synthetic_shards(out: Path, train_images: int, val_images: int, seed: int) -> Path:
-    """The synthetic dataset's shards in ``out``, converted now unless already there."""
-    wanted = {"train": train_images, "val": val_images}
-    try:
-        if all(ShardSet.open(out / split).num_samples == n for split, n in wanted.items()):
-            return out
-    except (FileNotFoundError, ValueError):
-        pass
-    print(f"writing the synthetic dataset ({train_images} + {val_images} images) into {out}", flush=True)
-    start = time.perf_counter()
-    make_synthetic_shards(out, wanted, seed=seed, overwrite=True, progress=False, log=print)
-    print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
-    return out
-
-
 def main(args: argparse.Namespace) -> dict:
     if args.smoke_test:
         args.epochs, args.train_images, args.val_images = 2, 64, 32
     base_cfg = load_config(args.config, args.overrides)
     if args.data is None:
         name = "synthetic-smoke" if args.smoke_test else "synthetic"
-        args.data = synthetic_shards(DEFAULT_DATA.with_name(name), args.train_images, args.val_images, base_cfg.train.seed)
+        args.data = ensure_synthetic_shards(default_data_home() / name, args.train_images, args.val_images,
+                                            seed=base_cfg.train.seed, log=lambda line: print(line, flush=True))
     train_set, val_set = ShardSet.open(args.data / "train"), ShardSet.open(args.data / "val")
     cfg = load_config(args.config, [f"model.num_classes={train_set.num_classes}", *args.overrides])
     torch.manual_seed(cfg.train.seed)

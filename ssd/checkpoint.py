@@ -45,6 +45,8 @@ class Checkpoint:
     scaler: dict[str, Any] | None = None
     rng: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    #: run bookkeeping that is not training state (e.g. the MLflow run id)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -70,6 +72,7 @@ def save_checkpoint(
     scheduler: Any | None = None,
     scaler: Any | None = None,
     metrics: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint directory at ``path`` atomically (replacing one already there).
 
@@ -94,6 +97,7 @@ def save_checkpoint(
         "step": int(step),
         "classes": list(classes),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        "extra": dict(extra or {}),
     }
     torch.save(unwrap(model).state_dict(), tmp / "model.pt")
     torch.save(training, tmp / "training.pt")
@@ -131,6 +135,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         scaler=training["scaler"],
         rng=training["rng"],
         metrics=meta["metrics"],
+        extra=meta.get("extra", {}),
     )
 
 

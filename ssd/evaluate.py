@@ -4,7 +4,8 @@ Two ways in:
 
 - :func:`coco_evaluate` takes a COCO ground-truth dict / JSON file and a COCO *results* list /
   JSON file (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]``), as written
-  by any detector, and returns the 12 ``COCOeval.summarize`` numbers plus per-class AP.
+  by any detector, and returns the 12 ``COCOeval.summarize`` numbers plus per-class AP,
+  per-class AP50 and the per-class precision-recall curves at IoU .50.
 - :class:`CocoEvaluator` and :class:`VocEvaluator` accumulate per-image tensors during an
   evaluation loop (``add``), can be combined across distributed ranks (``state`` /
   ``from_states`` / ``merge``) and compute the metric at the end (``compute``).
@@ -14,11 +15,12 @@ pixels of the image as stored, *continuous* coordinates (the VOC reader already 
 devkit's 1-based inclusive integer boxes into boxes whose width is ``xmax - xmin + 1``). COCO
 JSON boxes are ``[x, y, w, h]`` in the same pixels.
 
-Every returned dict is flat and JSON-able, e.g. for COCO::
+Every returned dict is JSON-able (plain floats, dicts and lists), e.g. for COCO::
 
     {"AP": .., "AP50": .., "AP75": .., "AP_small": .., "AP_medium": .., "AP_large": ..,
      "AR1": .., "AR10": .., "AR100": .., "AR_small": .., "AR_medium": .., "AR_large": ..,
-     "per_class_AP": {"person": .., ...}}
+     "per_class_AP": {"person": .., ...}, "per_class_AP50": {"person": .., ...},
+     "pr_curve50": {"recall": [0.0, 0.01, ..., 1.0], "precision": {"person": [..101..], ...}}}
 
 and for VOC ``{"mAP": .., "per_class_AP": {...}}``.
 """
@@ -283,9 +285,13 @@ def coco_evaluate(
         i.e. no ground truth in that area range) and ``per_class_AP`` {category name: AP over
         IoU .50:.95}, averaged exactly as ``summarize`` averages AP (mean over IoU thresholds
         and recall points for area ``all`` and 100 detections, -1 entries excluded; -1 for a
-        category without ground truth). Evaluating one category at a time with
-        ``params.catIds = [cid]`` gives the same per-class numbers: pycocotools evaluates
-        categories independently.
+        category without ground truth), ``per_class_AP50`` {category name: AP at IoU .50},
+        averaged the same way (the mean over categories is the ``AP50`` stat when every
+        category has ground truth), and ``pr_curve50`` ``{"recall": [101 recall thresholds
+        0, .01, ..., 1], "precision": {category name: [101 interpolated precisions at IoU .50,
+        area all, 100 detections; all -1 for a category without ground truth]}}``. Evaluating
+        one category at a time with ``params.catIds = [cid]`` gives the same per-class
+        numbers: pycocotools evaluates categories independently.
     Raises:
         FileNotFoundError: a path that does not exist (the message names it).
         ValueError: malformed input; the message names the file (or "in memory") and field.
@@ -335,21 +341,65 @@ def coco_evaluate(
         name: float(value) for name, value in zip(COCO_STAT_NAMES, coco_eval.stats, strict=True)
     }
     result["per_class_AP"] = _coco_per_class_ap(coco_eval, names)
+    result["per_class_AP50"] = _coco_per_class_ap(coco_eval, names, iou_threshold=0.5)
+    result["pr_curve50"] = _coco_pr_curve(coco_eval, names, iou_threshold=0.5)
     return result
 
 
-def _coco_per_class_ap(coco_eval: Any, names: Mapping[Any, str]) -> dict[str, float]:
-    """Per-category AP@[.5:.95] from ``eval['precision']``, averaged as ``summarize`` does."""
+def _coco_precision(coco_eval: Any, iou_threshold: float | None) -> np.ndarray:
+    """``eval['precision']`` for area ``all`` and 100 detections: (T', R recall points, K).
+
+    ``T'`` is every IoU threshold (.50:.05:.95) when ``iou_threshold`` is None, else the one
+    threshold equal to it (``summarize`` picks it the same way, ``iouThrs == iouThr``; we compare
+    with a tolerance because the thresholds come from ``np.linspace``). Entries are -1 where a
+    category has no ground truth.
+    """
     params = coco_eval.params
     precision = coco_eval.eval["precision"]  # (T iou thresholds, R recall points, K, A, M)
     area_index = params.areaRngLbl.index("all")
     maxdet_index = params.maxDets.index(100)  # summarize's AP uses maxDets=100
+    p = precision[:, :, :, area_index, maxdet_index]  # (T, R, K)
+    if iou_threshold is None:
+        return p
+    (iou_index,) = np.flatnonzero(np.isclose(params.iouThrs, iou_threshold, rtol=0, atol=1e-9))
+    return p[iou_index : iou_index + 1]  # (1, R, K)
+
+
+def _coco_per_class_ap(
+    coco_eval: Any, names: Mapping[Any, str], iou_threshold: float | None = None
+) -> dict[str, float]:
+    """Per-category AP from ``eval['precision']``, averaged as ``summarize`` does.
+
+    AP@[.5:.95] when ``iou_threshold`` is None, else AP at that one IoU threshold (mean over
+    the 101 recall points, -1 entries excluded; -1.0 for a category without ground truth).
+    """
+    precision = _coco_precision(coco_eval, iou_threshold)  # (T', R, K)
     out: dict[str, float] = {}
-    for k, cat_id in enumerate(params.catIds):
-        p = precision[:, :, k, area_index, maxdet_index]
+    for k, cat_id in enumerate(coco_eval.params.catIds):
+        p = precision[:, :, k]
         valid = p[p > -1]
         out[names[cat_id]] = float(np.mean(valid)) if valid.size else -1.0
     return out
+
+
+def _coco_pr_curve(
+    coco_eval: Any, names: Mapping[Any, str], iou_threshold: float
+) -> dict[str, Any]:
+    """The interpolated precision-recall curve per category at one IoU threshold.
+
+    Returns ``{"recall": [R floats], "precision": {name: [R floats]}}`` with R = 101 recall
+    thresholds 0, .01, ..., 1 (``params.recThrs``) and pycocotools' precision at each (already
+    the monotone envelope, so non-increasing in recall; 0 beyond the highest recall reached;
+    all -1 for a category without ground truth), for area ``all`` and 100 detections.
+    """
+    precision = _coco_precision(coco_eval, iou_threshold)[0]  # (R, K)
+    return {
+        "recall": [float(r) for r in coco_eval.params.recThrs],
+        "precision": {
+            names[cat_id]: [float(v) for v in precision[:, k]]
+            for k, cat_id in enumerate(coco_eval.params.catIds)
+        },
+    }
 
 
 # --------------------------------------------------------------------------------------------

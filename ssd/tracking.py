@@ -50,6 +50,8 @@ class Tracker:
             artifacts go under ``mlflow_home()/artifacts``).
         run_name: the run's name; ``tags`` are set on it.
         enabled: False (ranks other than 0) makes every method a no-op.
+
+    ``Tracker.attach(uri, run_id)`` continues an existing run instead of creating one.
     """
 
     def __init__(
@@ -62,16 +64,45 @@ class Tracker:
         enabled: bool = True,
         parent_run_id: str | None = None,
     ) -> None:
+        self._setup(uri, enabled)
+        if enabled:
+            self._guard("start the run", self._start, experiment, run_name, tags or {}, parent_run_id)
+
+    @classmethod
+    def attach(cls, uri: str, run_id: str, *, enabled: bool = True) -> Tracker:
+        """Continue an existing run: a resumed training run, or a worker process logging into
+        the run its driver created. The run is set back to RUNNING if it was not (e.g. ended by
+        an earlier attempt); ``end()`` closes it again. Failures are guarded as everywhere else:
+        a missing or deleted run, or an unreachable server, warns once and disables the tracker.
+        """
+        tracker = cls.__new__(cls)
+        tracker._setup(uri, enabled)
+        if enabled:
+            tracker._guard("attach to the run", tracker._attach, run_id)
+        return tracker
+
+    def _setup(self, uri: str, enabled: bool) -> None:
         self.uri = uri
         self.enabled = enabled
         self.run_id: str | None = None
         self.failure: str | None = None
-        if not enabled:
-            return
-        # Fail fast instead of MLflow's default 7 retries with exponential backoff (minutes).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        self._guard("start the run", self._start, experiment, run_name, tags or {}, parent_run_id)
+        if enabled:
+            # Fail fast instead of MLflow's default 7 retries with exponential backoff (minutes).
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+    def _attach(self, run_id: str) -> None:
+        import mlflow
+
+        self._client = mlflow.MlflowClient(tracking_uri=self.uri)
+        run = self._client.get_run(run_id)
+        if run.info.lifecycle_stage != "active":
+            raise ValueError(f"run {run_id} is {run.info.lifecycle_stage}")
+        if run.info.status != "RUNNING":
+            # The previous end time stays (MLflow cannot clear it); ``end()`` overwrites it.
+            self._client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        log.info("MLflow run %s (%s) continued at %s", run.info.run_name, run_id, self.uri)
 
     def _start(self, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None) -> None:
         import mlflow

@@ -136,7 +136,7 @@ def test_coco_evaluate_matches_pycocotools(coco_files) -> None:
     ref = pycocotools_stats(gt_path, det_path)
     for src_gt, src_det in ((gt_path, det_path), (gt, dets), (str(gt_path), str(det_path))):
         got = coco_evaluate(src_gt, src_det)
-        assert list(got) == [*COCO_STAT_NAMES, "per_class_AP"]
+        assert list(got) == [*COCO_STAT_NAMES, "per_class_AP", "per_class_AP50", "pr_curve50"]
         assert [got[k] for k in COCO_STAT_NAMES] == pytest.approx(ref.tolist(), abs=1e-12)
         assert all(type(got[k]) is float for k in COCO_STAT_NAMES)
     # A non-trivial operating point, so that a wrong number cannot pass by being 0 or 1.
@@ -181,6 +181,7 @@ def test_coco_perfect_detector_gives_ap_one() -> None:
     for key in ("AP", "AP50", "AP75", "AR100"):  # not AR1: one detection per image
         assert got[key] == pytest.approx(1.0), key
     assert all(v == pytest.approx(1.0) for v in got["per_class_AP"].values())
+    assert all(v == pytest.approx(1.0) for v in got["per_class_AP50"].values())
 
 
 def test_coco_empty_detections_give_zero(tmp_path: Path) -> None:
@@ -191,6 +192,82 @@ def test_coco_empty_detections_give_zero(tmp_path: Path) -> None:
         # Every area range has GT in this set, so pycocotools' answer is 0 everywhere.
         assert all(got[k] == 0.0 for k in COCO_STAT_NAMES), got
         assert got["per_class_AP"] == {"class1": 0.0, "class2": 0.0, "class3": 0.0}
+        assert got["per_class_AP50"] == {"class1": 0.0, "class2": 0.0, "class3": 0.0}
+
+
+def test_coco_per_class_ap50_hand_built() -> None:
+    # "perfect": one GT, one exact detection.
+    # "half": GT A (image 1) and GT B (image 2, never detected); an FP at .95 far from
+    #   everything, then a TP at .8 on A with IoU 36/50 = .72 (box 50x36 inside A's 50x50).
+    #   Ranked: FP, TP -> recall 0, .5; precision 0, .5. pycocotools' envelope: .5 for recall
+    #   thresholds 0, .01, ..., .50 (51 points), 0 above .50 (50 points): AP50 = 25.5 / 101.
+    #   The TP is a hit at IoU thresholds .50, .55, .60, .65, .70 and an FP at .75..95 (AP 0
+    #   there): AP@[.5:.95] = 5 / 10 * 25.5 / 101.
+    # "absent": no GT, one detection -> -1 everywhere.
+    gt = {
+        "images": [{"id": 1, "width": 640, "height": 480}, {"id": 2, "width": 640, "height": 480}],
+        "categories": [
+            {"id": 1, "name": "perfect"},
+            {"id": 2, "name": "half"},
+            {"id": 3, "name": "absent"},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40]},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [100, 100, 50, 50]},
+            {"id": 3, "image_id": 2, "category_id": 2, "bbox": [300, 300, 50, 50]},
+        ],
+    }
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.9},
+        {"image_id": 1, "category_id": 2, "bbox": [400, 200, 30, 30], "score": 0.95},
+        {"image_id": 1, "category_id": 2, "bbox": [100, 100, 50, 36], "score": 0.8},
+        {"image_id": 2, "category_id": 3, "bbox": [0, 0, 10, 10], "score": 0.5},
+    ]
+    got = coco_evaluate(gt, dets)
+    assert got["per_class_AP50"] == pytest.approx(
+        {"perfect": 1.0, "half": 25.5 / 101, "absent": -1.0}, abs=1e-12
+    )
+    assert got["per_class_AP"] == pytest.approx(
+        {"perfect": 1.0, "half": 0.5 * 25.5 / 101, "absent": -1.0}, abs=1e-12
+    )
+    # summarize's AP50 averages over the categories with GT.
+    assert got["AP50"] == pytest.approx((1.0 + 25.5 / 101) / 2, abs=1e-12)
+    curve = got["pr_curve50"]
+    assert curve["recall"] == pytest.approx(np.linspace(0, 1, 101).tolist(), abs=1e-12)
+    assert list(curve["precision"]) == ["perfect", "half", "absent"]
+    assert curve["precision"]["perfect"] == pytest.approx([1.0] * 101, abs=1e-12)
+    assert curve["precision"]["half"] == pytest.approx([0.5] * 51 + [0.0] * 50, abs=1e-12)
+    assert curve["precision"]["absent"] == [-1.0] * 101
+
+
+def test_coco_per_class_ap50_matches_pycocotools_per_category(coco_files) -> None:
+    gt, _, gt_path, det_path = coco_files
+    got = coco_evaluate(gt_path, det_path)
+    ap50 = got["per_class_AP50"]
+    assert list(ap50) == ["class1", "class5", "class90"]
+    for cat in gt["categories"]:
+        ref = pycocotools_stats(gt_path, det_path, cat_ids=[cat["id"]])[1]  # stats[1] = AP50
+        assert ap50[cat["name"]] == pytest.approx(ref, abs=1e-12), cat
+    # Every class has GT here, so the mean over classes is summarize's AP50.
+    assert all(v >= 0 for v in ap50.values())
+    assert np.mean(list(ap50.values())) == pytest.approx(got["AP50"], abs=1e-12)
+    # Not the AP over .50:.95 under another name.
+    assert all(ap50[k] > got["per_class_AP"][k] for k in ap50)
+
+
+def test_coco_pr_curve50_shape_and_monotone(coco_files) -> None:
+    _, _, gt_path, det_path = coco_files
+    got = coco_evaluate(gt_path, det_path)
+    curve = got["pr_curve50"]
+    assert curve["recall"] == pytest.approx(np.linspace(0, 1, 101).tolist(), abs=1e-12)
+    assert list(curve["precision"]) == list(got["per_class_AP50"])
+    for name, precision in curve["precision"].items():
+        p = np.asarray(precision)
+        assert p.shape == (101,), name
+        assert ((p >= 0) & (p <= 1)).all(), name
+        assert (np.diff(p) <= 0).all(), name  # the interpolated envelope never rises
+        assert p[0] > p[-1], name  # and is not flat here: a real curve
+        assert p.mean() == pytest.approx(got["per_class_AP50"][name], abs=1e-12), name
 
 
 def test_coco_gt_id_zero_is_not_a_false_positive() -> None:

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -20,33 +14,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (SQLite store) on loopback, stopped by its process group."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail("mlflow server did not start")
-            time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
 
 
 @pytest.mark.integration
@@ -111,3 +78,51 @@ def test_local_sqlite_store_keeps_artifacts_at_the_fixed_home(monkeypatch, tmp_p
     assert tracker.active, tracker.failure
     assert list((tmp_path / "home" / "artifacts" / "local").rglob("note.txt"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "note.txt"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_attach_continues_an_existing_run_and_reopens_an_ended_one(mlflow_server):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    driver = Tracker(mlflow_server, "ssd-test", "driver-run")
+    worker = Tracker.attach(mlflow_server, driver.run_id)  # e.g. a worker logging into it
+    assert worker.active and worker.run_id == driver.run_id, worker.failure
+    worker.log_metrics({"AP": 0.1}, step=1)
+    assert client.get_run(driver.run_id).info.status == "RUNNING"
+    driver.end()
+    assert client.get_run(driver.run_id).info.status == "FINISHED"
+
+    resumed = Tracker.attach(mlflow_server, driver.run_id)  # e.g. a resumed training run
+    assert resumed.active, resumed.failure
+    assert client.get_run(driver.run_id).info.status == "RUNNING"
+    resumed.log_metrics({"AP": 0.2}, step=2)
+    resumed.set_tags({"resumed": "1"})
+    resumed.end("KILLED")
+    run = client.get_run(driver.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["resumed"] == "1"
+    assert [(m.step, m.value) for m in client.get_metric_history(driver.run_id, "AP")] == [(1, 0.1), (2, 0.2)]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_attach_to_a_missing_run_warns_once_and_never_raises(mlflow_server, caplog):
+    tracker = Tracker.attach(mlflow_server, "0" * 32)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.end()
+    assert not tracker.active and "attach to the run" in tracker.failure
+    assert len([r for r in caplog.records if "tracking is off" in r.getMessage()]) == 1
+
+
+def test_attach_unreachable_or_disabled_never_raises(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    start = time.perf_counter()
+    tracker = Tracker.attach(f"http://127.0.0.1:{_free_port()}", "0" * 32)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.end("FAILED")
+    assert time.perf_counter() - start < 30
+    assert not tracker.active and "attach to the run" in tracker.failure
+    disabled = Tracker.attach("http://127.0.0.1:1", "0" * 32, enabled=False)
+    disabled.log_metrics({"loss": 1.0})
+    assert disabled.run_id is None and disabled.failure is None and not disabled.active

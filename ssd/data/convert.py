@@ -341,3 +341,33 @@ def make_synthetic_shards(
         split: convert(reader, out_dir / split, workers=workers, **convert_options)
         for split, reader in readers.items()
     }
+
+
+def default_data_home() -> Path:
+    """Where generated datasets live: ``$SSD_DATA_HOME`` or ``~/.cache/ssd-ray/data``.
+
+    A fixed absolute place, so a ``ray job submit --working-dir .`` job (which runs in a fresh
+    copy of the repo) finds the data that an earlier run made.
+    """
+    return Path(os.environ.get("SSD_DATA_HOME", Path.home() / ".cache" / "ssd-ray" / "data")).expanduser().resolve()
+
+
+def ensure_synthetic_shards(
+    out_dir: str | Path, train_images: int, val_images: int, *, seed: int = 0, log: Callable[[str], None] = print
+) -> Path:
+    """The synthetic dataset's ``train``/``val`` shards in ``out_dir``, converted now unless a
+    complete set of the wanted sizes is already there."""
+    from ssd.data.shards import ShardSet
+
+    out_dir = Path(out_dir)
+    wanted = {"train": train_images, "val": val_images}
+    try:
+        if all(ShardSet.open(out_dir / split).num_samples == n for split, n in wanted.items()):
+            return out_dir
+    except (FileNotFoundError, ValueError):
+        pass
+    log(f"writing the synthetic dataset ({train_images} + {val_images} images) into {out_dir}")
+    start = time.perf_counter()
+    make_synthetic_shards(out_dir, wanted, seed=seed, overwrite=True, progress=False, log=log)
+    log(f"  done in {time.perf_counter() - start:.0f} s")
+    return out_dir

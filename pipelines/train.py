@@ -1,0 +1,371 @@
+"""Train SSD with Ray Train (DDP, one process per worker, GPU or CPU) and track it in MLflow.
+
+    ray job submit --working-dir . -- python pipelines/train.py --config tiny --data DIR --workers 2
+    python pipelines/train.py --config ssd300_vgg16 --data shards/voc --workers 8 --gpu optim.lr=2e-3
+    python pipelines/train.py --resume NAME            # continue a stopped run where it stopped
+    python pipelines/train.py --smoke-test             # 2 tiny epochs on 2 CPU workers
+
+``--data DIR`` is a folder with ``train/`` and ``val/`` shard sets (``pipelines/make_shards.py``);
+``--train``/``--val`` name the two sets separately (folders, dataset.json, ``s3://`` or http).
+Without either, the embedded synthetic dataset is made on first use under
+``~/.cache/ssd-ray/data`` (``$SSD_DATA_HOME``). Trailing ``key=value`` arguments override the
+config (``ssd/configs/<preset>.yaml`` or a YAML path), e.g. ``train.epochs=20 optim.lr=0.01``.
+
+Ray: under ``ray job submit`` the job attaches to that cluster; as plain ``python`` it attaches
+to a running local cluster or starts one (``--address local`` always starts one). Checkpoints go
+to ``--storage-path/NAME`` (a local path, an NFS mount shared by all nodes, or ``s3://``): one
+every epoch, the best ``--keep-checkpoints`` by validation mAP kept plus the latest. A worker
+failure restarts the group from the last checkpoint (``--max-failures``); ``--resume NAME``
+continues a stopped run, ``--resume CHECKPOINT_DIR`` starts a new run from a checkpoint.
+
+MLflow (rank 0 and this driver only): ``--mlflow-uri`` > ``$MLFLOW_TRACKING_URI`` > a SQLite
+store under ``~/.cache/ssd-ray/mlflow``. Params, metrics, evaluation artifacts, the final model
+(pyfunc + torch) and, with ``--register-as NAME``, a registry version with lineage tags. If
+MLflow is unreachable the run warns and trains on.
+
+Bad requests fail before any worker starts: unknown config keys, missing data, more workers
+than the cluster has CPUs (or GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout (and from a Ray job's working dir) too
+
+# Ray's own defaults would turn token auth on for a local ray.init() (breaking a later
+# `ray start`/`ray job submit`) and send usage stats; a user's explicit settings win.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from ssd.config import Config, ConfigError, load_config
+from ssd.data.convert import default_data_home, ensure_synthetic_shards
+from ssd.data.shards import DATASET_JSON, ShardSet
+from ssd.tracking import Tracker, resolve_tracking_uri
+
+EXIT_BAD_REQUEST = 2
+
+
+class BadRequest(Exception):
+    """A problem with the command line, the config or the data, found before training."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", help="preset name or YAML path (default: tiny)")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help="folder with train/ and val/ shard sets (default: the synthetic dataset)")
+    data.add_argument("--train", help="training shard set (overrides --data)")
+    data.add_argument("--val", help="validation shard set (overrides --data)")
+    data.add_argument("--loader-workers", type=int, default=0,
+                      help="DataLoader processes per worker (default 0: load in the worker; best with few CPUs)")
+    scale = p.add_argument_group("Ray")
+    scale.add_argument("--workers", type=int, default=2, help="training workers = DDP processes (default 2)")
+    gpu = scale.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", dest="use_gpu", action="store_true", default=None, help="one GPU per worker")
+    gpu.add_argument("--cpu", dest="use_gpu", action="store_false", help="CPU workers even if GPUs exist")
+    scale.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (= torch threads)")
+    scale.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a running local "
+                       "cluster, else a new local one; 'local' always starts one)")
+    scale.add_argument("--name", help="run name under the storage path (default: ssd-<config>-<time>)")
+    scale.add_argument("--storage-path", default=None,
+                       help="where runs and checkpoints go: path, NFS or s3:// (default $SSD_STORAGE_PATH or "
+                            "~/.cache/ssd-ray/runs)")
+    scale.add_argument("--resume", help="a run NAME under the storage path to continue, or a checkpoint folder")
+    scale.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
+    scale.add_argument("--keep-checkpoints", type=int, default=3, help="best checkpoints kept (plus the latest)")
+    scale.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"],
+                       help="autocast (auto: bf16 on GPUs that have it, fp32 on the CPU)")
+    track = p.add_argument_group("MLflow")
+    track.add_argument("--mlflow-uri", help="tracking URI (default $MLFLOW_TRACKING_URI, else a local SQLite store)")
+    track.add_argument("--experiment", default="ssd-ray", help="MLflow experiment (default ssd-ray)")
+    track.add_argument("--no-mlflow", action="store_true", help="do not track")
+    track.add_argument("--register-as", metavar="NAME", help="register the best model as a version of NAME")
+    track.add_argument("--parent-model", metavar="NAME/VERSION", help="lineage tag: the model this run started from")
+    p.add_argument("--epochs", type=int, help="shorthand for train.epochs=N")
+    p.add_argument("--log-every", type=int, default=20, help="steps between progress lines (default 20)")
+    p.add_argument("--summary-json", type=Path, help="also write the run summary as JSON here")
+    p.add_argument("--inject-failure", metavar="EPOCH:STEP[:RANK]",
+                   help="(testing) that worker dies at that step of a fresh run; the run must recover")
+    p.add_argument("--smoke-test", action="store_true", help="2 short epochs on a small synthetic set")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optim.lr=0.02")
+    return p
+
+
+def default_storage_path() -> str:
+    return os.environ.get("SSD_STORAGE_PATH") or str(Path.home() / ".cache" / "ssd-ray" / "runs")
+
+
+def _open(spec: str, what: str) -> ShardSet:
+    try:
+        return ShardSet.open(spec)
+    except (FileNotFoundError, ValueError) as err:
+        raise BadRequest(f"{what} shards {spec!r}: {err}") from None
+
+
+def _local(spec: str) -> str:
+    """Local paths made absolute: Ray workers run in another working directory."""
+    return spec if "://" in spec or spec.startswith("pipe:") else str(Path(spec).expanduser().resolve())
+
+
+def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
+    """Config, data and run identity from the command line; raises BadRequest before any Ray."""
+    from ssd.distributed.trainer import latest_checkpoint
+
+    storage = args.storage_path or default_storage_path()
+    resumed: dict[str, Any] = {}
+    resume_from = None
+    overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+    if args.smoke_test:
+        overrides = ["train.epochs=2", "train.batch_size=8", *overrides]
+    name = args.name
+    if args.resume:
+        from ssd.checkpoint import load_checkpoint
+
+        candidate = Path(args.resume).expanduser()
+        if (candidate / "meta.json").is_file():  # a checkpoint folder: a new run starting from it
+            resume_from = str(candidate.resolve())
+            checkpoint_dir = candidate
+        else:  # a run name: Ray continues the run in storage/NAME from its latest checkpoint
+            if args.name and args.name != args.resume:
+                raise BadRequest("--resume NAME continues run NAME; do not also give a different --name")
+            name = args.resume
+            checkpoint_dir = latest_checkpoint(Path(storage) / name) if "://" not in storage else None
+            if checkpoint_dir is None and "://" not in storage:
+                raise BadRequest(f"--resume {args.resume}: no checkpoint under {Path(storage) / name}")
+        if checkpoint_dir is not None:
+            checkpoint = load_checkpoint(checkpoint_dir)
+            resumed = {"config": checkpoint.config, "epoch": checkpoint.epoch, **checkpoint.extra}
+
+    train_spec, val_spec = args.train, args.val
+    if args.data:
+        train_spec = train_spec or str(Path(args.data) / "train")
+        val_spec = val_spec or str(Path(args.data) / "val")
+    train_spec, val_spec = train_spec or resumed.get("train_data"), val_spec or resumed.get("val_data")
+    if not train_spec or not val_spec:
+        if (args.train or args.val) and not args.data:
+            raise BadRequest("give both --train and --val, or --data DIR with DIR/train and DIR/val")
+        counts = (64, 32) if args.smoke_test else (1536, 256)
+        home = default_data_home() / ("synthetic-smoke" if args.smoke_test else "synthetic")
+        ensure_synthetic_shards(home, *counts, log=lambda line: print(line, flush=True))
+        train_spec, val_spec = train_spec or str(home / "train"), val_spec or str(home / "val")
+    train_spec, val_spec = _local(train_spec), _local(val_spec)
+    train_set, val_set = _open(train_spec, "training"), _open(val_spec, "validation")
+    if list(train_set.classes) != list(val_set.classes):
+        raise BadRequest(f"training and validation shards have different classes: {list(train_set.classes)} "
+                         f"vs {list(val_set.classes)}")
+
+    try:
+        if "config" in resumed:
+            from ssd.config import apply_overrides, config_from_dict
+
+            cfg = config_from_dict(apply_overrides(resumed["config"].to_dict(), overrides))
+        else:
+            cfg = load_config(args.config, [f"model.num_classes={train_set.num_classes}", *overrides])
+    except ConfigError as err:
+        raise BadRequest(f"config: {err}") from None
+    if cfg.model.num_classes != train_set.num_classes:
+        raise BadRequest(f"model.num_classes={cfg.model.num_classes}, but the shards have "
+                         f"{len(train_set.classes)} classes + background")
+    if args.workers < 1:
+        raise BadRequest(f"--workers must be at least 1, got {args.workers}")
+    if name is None:
+        stem = Path(args.config).stem if not args.config.isidentifier() else args.config
+        name = f"ssd-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return {"cfg": cfg, "train_set": train_set, "val_set": val_set, "train_spec": train_spec,
+            "val_spec": val_spec, "name": name, "storage": storage, "resume_from": resume_from,
+            "resumed": resumed}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             check=False)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except OSError:
+        return None
+
+
+def _ui_address(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return uri
+    return f"mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+
+
+def start_tracking(args: argparse.Namespace, request: dict[str, Any], scaling: Any) -> Tracker | None:
+    """The run's MLflow run (created here, or the resumed run's), with params, tags and inputs."""
+    if args.no_mlflow:
+        return None
+    uri = resolve_tracking_uri(args.mlflow_uri)
+    cfg: Config = request["cfg"]
+    train_set, val_set = request["train_set"], request["val_set"]
+    previous = request["resumed"].get("mlflow_run_id")
+    if previous and args.resume == request["name"]:
+        tracker = Tracker.attach(uri, previous)
+        tracker.set_tags({"resumed_at_epoch": request["resumed"].get("epoch")})
+        return tracker
+    tags = {
+        "data_hash": train_set.info.get("content_hash", ""),
+        "val_data_hash": val_set.info.get("content_hash", ""),
+        "classes": json.dumps(list(train_set.classes)),
+        "prior_spec": cfg.priors.name,
+        "ray_run_name": request["name"],
+        "storage_path": request["storage"],
+        "parent_model": args.parent_model or "none",
+    }
+    if request["resume_from"]:
+        tags["resumed_from_checkpoint"] = request["resume_from"]
+    if commit := _git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    tracker = Tracker(uri, args.experiment, request["name"], tags=tags)
+    tracker.log_params(cfg.flat() | {
+        "data.train": request["train_spec"], "data.val": request["val_spec"],
+        "data.train_samples": train_set.num_samples, "data.val_samples": val_set.num_samples,
+        "ray.workers": scaling.num_workers, "ray.use_gpu": scaling.use_gpu,
+        "ray.cpus_per_worker": scaling.cpus_per_worker, "amp": args.amp,
+    })
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.yaml"
+        config_path.write_text(cfg.to_yaml())
+        tracker.log_artifact(config_path)
+        for split, shards in (("train", train_set), ("val", val_set)):
+            info = Path(tmp) / split / DATASET_JSON
+            info.parent.mkdir()
+            info.write_text(json.dumps(shards.info, indent=2, sort_keys=True))
+            tracker.log_artifact(info, f"data/{split}")
+    return tracker
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    from ssd.distributed.trainer import (
+        ClusterTooSmall,
+        Scaling,
+        build_trainer,
+        check_cluster_resources,
+    )
+    from ssd.training import SCORE, RunOptions
+
+    try:
+        request = resolve_request(args)
+    except BadRequest as err:
+        raise SystemExit(f"error: {err}") from None
+
+    init_ray(args.address)
+    import ray
+
+    use_gpu = args.use_gpu if args.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= args.workers
+    scaling = Scaling(num_workers=args.workers, use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker)
+    try:
+        check_cluster_resources(scaling)
+    except ClusterTooSmall as err:
+        raise SystemExit(f"error: {err}") from None
+
+    tracker = start_tracking(args, request, scaling)
+    run_id = tracker.run_id if tracker is not None and tracker.active else None
+    uri = tracker.uri if tracker is not None else None
+    options = RunOptions(train_data=request["train_spec"], val_data=request["val_spec"],
+                         loader_workers=args.loader_workers, log_every=args.log_every, amp=args.amp,
+                         tracking_uri=uri, mlflow_run_id=run_id, inject_failure=args.inject_failure)
+    run_dir = f"{request['storage'].rstrip('/')}/{request['name']}"
+    print(f"run {request['name']}: {scaling.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s); checkpoints "
+          f"in {run_dir}" + (f"; MLflow run {run_id} at {uri}" if run_id else "; MLflow off"), flush=True)
+
+    trainer = build_trainer(request["cfg"], options, scaling, name=request["name"], storage_path=request["storage"],
+                            max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints,
+                            resume_from=request["resume_from"])
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - whatever failed, the MLflow run must not stay RUNNING
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise SystemExit(f"error: training failed: {err}") from None
+    best = result.get_best_checkpoint(metric=SCORE, mode="max") or result.checkpoint
+    with best.as_directory() as folder:
+        summary = finish_run(args, request, tracker, Path(folder), best.path)
+    summary.update(run_name=request["name"], run_dir=run_dir, seconds=round(time.perf_counter() - start, 1),
+                   last_checkpoint=result.checkpoint.path if result.checkpoint else None)
+    print_summary(summary)
+    if args.summary_json:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def finish_run(args: argparse.Namespace, request: dict[str, Any], tracker: Tracker | None, checkpoint: Path,
+               checkpoint_path: str) -> dict[str, Any]:
+    """Log the best checkpoint's model (and register it), close the MLflow run; the summary."""
+    from ssd.checkpoint import load_checkpoint
+
+    best = load_checkpoint(checkpoint)
+    summary: dict[str, Any] = {
+        "best_checkpoint": checkpoint_path, "best_epoch": best.epoch,
+        "mAP": best.metrics.get("mAP"), "AP50": best.metrics.get("AP50"),
+        "VOC07_mAP": best.metrics.get("VOC07_mAP"), "epochs": request["cfg"].train.epochs,
+    }
+    if tracker is None or not tracker.active:
+        return summary | {"mlflow_run_id": None}
+    tracker.log_metrics({f"best/{k}": v for k, v in best.metrics.items() if k in ("mAP", "AP50", "VOC07_mAP")},
+                        step=best.epoch)
+    summary.update(mlflow_run_id=tracker.run_id, mlflow_uri=tracker.uri, mlflow_ui=_ui_address(tracker.uri))
+    try:
+        from ssd.mlflow_model import log_ssd_model
+
+        cfg = request["cfg"]
+        tags = {
+            "data_hash": request["train_set"].info.get("content_hash", ""),
+            "val_data_hash": request["val_set"].info.get("content_hash", ""),
+            "prior_spec": cfg.priors.name,
+            "prior_spec_json": cfg.priors.to_json(),
+            "parent_model": args.parent_model or "none",
+            "mAP": f"{best.metrics.get('mAP', float('nan')):.6f}",
+            "best_epoch": str(best.epoch),
+        }
+        logged = log_ssd_model(tracker.run_id, tracker.uri, checkpoint, register_as=args.register_as,
+                               version_tags=tags)
+        summary.update(model_uri=logged.get("model_uri"), registered_name=logged.get("registered_name"),
+                       registered_version=logged.get("version"))
+    except Exception as err:  # noqa: BLE001 - the trained checkpoints are kept whatever MLflow does
+        print(f"warning: could not log the model to MLflow ({type(err).__name__}: {err}); the checkpoint "
+              f"is at {checkpoint_path}", file=sys.stderr, flush=True)
+    tracker.end("FINISHED")
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    def number(key: str) -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [f"finished {summary['run_name']} in {summary['seconds']:.0f} s",
+             f"  best validation mAP (COCO AP) {number('mAP')}, AP50 {number('AP50')}"
+             + (f", VOC07 mAP {number('VOC07_mAP')}" if summary.get("VOC07_mAP") is not None else "")
+             + f" at epoch {summary['best_epoch']}/{summary['epochs']}",
+             f"  best checkpoint: {summary['best_checkpoint']}"]
+    if summary.get("mlflow_run_id"):
+        lines.append(f"  MLflow run {summary['mlflow_run_id']}: {summary['mlflow_ui']}")
+    if summary.get("registered_name"):
+        lines.append(f"  registered model: {summary['registered_name']} version {summary['registered_version']} "
+                     f"(models:/{summary['registered_name']}/{summary['registered_version']})")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,1 @@
+"""The only Ray code of the library: Ray Train glue around ``ssd.training`` (and, later, Tune)."""

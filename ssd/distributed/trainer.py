@@ -1,0 +1,173 @@
+"""Ray Train glue (Train V2): the per-worker function, the ``TorchTrainer`` builder, and the
+checks that make a bad request fail before any worker starts.
+
+The training itself is ``ssd.training.run_training``; this module only supplies what Ray knows:
+the rank's device (``ray.train.torch.get_device``), the checkpoint to resume from
+(``ray.train.get_checkpoint``: after a worker failure, the last reported one) and where
+checkpoints go (``ray.train.report``, which persists them under ``storage_path/name`` and keeps
+the best ``num_to_keep`` by validation mAP, plus always the latest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ssd.checkpoint import load_checkpoint
+from ssd.config import Config, config_from_dict
+from ssd.tracking import Tracker
+from ssd.training import SCORE, RunOptions, run_training
+
+CHECKPOINT_PREFIX = "checkpoint-epoch-"
+
+
+class ClusterTooSmall(RuntimeError):
+    """The Ray cluster lacks the CPUs/GPUs the scaling config asks for."""
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Workers and their resources (one DDP process per worker; one GPU each with ``use_gpu``)."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+    def to_ray(self) -> ScalingConfig:
+        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                             resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})})
+
+
+def check_cluster_resources(scaling: Scaling, resources: dict[str, float] | None = None) -> None:
+    """Raise ``ClusterTooSmall`` naming the shortfall when the cluster cannot hold the workers.
+
+    Without this, Ray Train waits for resources that never come (on a fixed-size cluster).
+    ``resources`` defaults to ``ray.cluster_resources()``.
+    """
+    if scaling.num_workers < 1:
+        raise ClusterTooSmall(f"--workers must be at least 1, got {scaling.num_workers}")
+    resources = ray.cluster_resources() if resources is None else resources
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    need_cpus = scaling.num_workers * scaling.cpus_per_worker
+    if need_cpus > cpus:
+        raise ClusterTooSmall(
+            f"{scaling.num_workers} workers x {scaling.cpus_per_worker:g} CPU = {need_cpus:g} CPUs, but the Ray "
+            f"cluster has {cpus:g}; lower --workers or --cpus-per-worker")
+    if scaling.use_gpu and scaling.num_workers > gpus:
+        raise ClusterTooSmall(
+            f"{scaling.num_workers} GPU workers need {scaling.num_workers} GPUs, but the Ray cluster has {gpus:g}; "
+            "lower --workers or train on the CPU (--cpu)")
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train V2 logs every report (all metrics, every rank) at INFO from a logger named after
+    its module file, outside the ``ray.train`` hierarchy that ``LoggingConfig`` sets."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # a Ray version with another layout: only noisier
+        pass
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: rebuild config and options, resume if Ray has a
+    checkpoint, train, and report each epoch (rank 0 attaches the checkpoint)."""
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    _quiet_report_logs()
+    torch.set_num_threads(max(1, int(loop_config["threads"])))
+    cfg = config_from_dict(loop_config["config"])
+    options = RunOptions(**loop_config["options"])
+    device = ray.train.torch.get_device()
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_checkpoint(folder)
+        if rank == 0:
+            print(f"resuming from {checkpoint.path} (epoch {resume.epoch} done)", flush=True)
+
+    tracker = None
+    if rank == 0 and options.mlflow_run_id:
+        tracker = Tracker.attach(options.tracking_uri, options.mlflow_run_id)
+
+    def report(metrics: dict[str, Any], save) -> None:
+        name = f"{CHECKPOINT_PREFIX}{int(metrics['epoch']):04d}"
+        metrics = {k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()}
+        if save is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            save(path)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+                             checkpoint_dir_name=name)
+
+    run_training(cfg, options, device=device, report=report, resume=resume, tracker=tracker)
+
+
+def build_trainer(
+    cfg: Config,
+    options: RunOptions,
+    scaling: Scaling,
+    *,
+    name: str,
+    storage_path: str,
+    max_failures: int = 2,
+    keep_checkpoints: int = 3,
+    resume_from: str | None = None,
+) -> TorchTrainer:
+    """A ``TorchTrainer`` for one training run.
+
+    Args:
+        name: the run's folder under ``storage_path``; an existing one is resumed by Ray.
+        storage_path: a local path, an NFS mount shared by all nodes, or ``s3://bucket/prefix``.
+        max_failures: worker-group restarts (from the last checkpoint) before the run fails.
+        keep_checkpoints: checkpoints kept: the best by validation mAP, plus always the latest.
+        resume_from: a checkpoint directory to start from (a new run continuing an old one).
+    """
+    loop_config = {"config": cfg.to_dict(), "options": asdict(options),
+                   "threads": max(1, math.floor(scaling.cpus_per_worker))}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling.to_ray(),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints, checkpoint_score_attribute=SCORE,
+                                               checkpoint_score_order="max"),
+            # Train V2 turns every print into a log record and also prints it, which doubles our
+            # progress lines and leaks pycocotools' captured report; its per-report INFO lines
+            # would drown the progress. Plain prints and warnings only.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        resume_from_checkpoint=ray.train.Checkpoint.from_directory(resume_from) if resume_from else None,
+    )
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint of the highest epoch in a local run folder (None when it has none)."""
+    found = []
+    for meta in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*/meta.json"):
+        try:
+            found.append((json.loads(meta.read_text())["epoch"], meta.parent))
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(found)[1] if found else None

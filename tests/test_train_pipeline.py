@@ -1,0 +1,118 @@
+"""pipelines/train.py on a local Ray cluster: bad requests fail fast, and a worker that dies
+mid-run is replaced and the run resumes from its last checkpoint without redoing epochs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ssd.checkpoint import load_checkpoint
+from ssd.data.convert import ensure_synthetic_shards
+from ssd.distributed.trainer import ClusterTooSmall, Scaling, check_cluster_resources
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "pipelines" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return ensure_synthetic_shards(tmp_path_factory.mktemp("data") / "synthetic", 64, 32, log=lambda _: None)
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+            "SSD_DATA_HOME": str(tmp_path / "data"), "SSD_MLFLOW_HOME": str(tmp_path / "mlflow"),
+            "RAY_ADDRESS": ""}
+
+
+def _train(args: list[str], tmp_path: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TRAIN), *args], env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_unknown_config_key_fails_before_ray_starts(shards, tmp_path):
+    start = time.perf_counter()
+    out = _train(["--data", str(shards), "optim.learning_rate=0.1"], tmp_path)
+    assert out.returncode != 0
+    assert "unknown key 'optim.learning_rate'" in out.stderr and "known keys in 'optim'" in out.stderr
+    assert "Started a local Ray instance" not in out.stdout + out.stderr
+    assert time.perf_counter() - start < 60
+
+
+def test_missing_data_fails_naming_the_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    out = _train(["--data", str(missing)], tmp_path)
+    assert out.returncode != 0
+    assert f"training shards '{missing / 'train'}'" in out.stderr, out.stderr
+
+
+def test_mismatched_splits_fail(shards, tmp_path):
+    other = ensure_synthetic_shards(tmp_path / "voc-like", 16, 16, log=lambda _: None)
+    info = json.loads((other / "val" / "dataset.json").read_text())
+    info["classes"] = ["a", "b"]
+    (other / "val" / "dataset.json").write_text(json.dumps(info))
+    out = _train(["--train", str(shards / "train"), "--val", str(other / "val")], tmp_path)
+    assert out.returncode != 0 and "different classes" in out.stderr
+
+
+def test_cluster_resource_check():
+    check_cluster_resources(Scaling(2, False, 1.0), {"CPU": 2.0})
+    with pytest.raises(ClusterTooSmall, match=r"3 workers x 1 CPU = 3 CPUs, but the Ray cluster has 2"):
+        check_cluster_resources(Scaling(3, False, 1.0), {"CPU": 2.0})
+    with pytest.raises(ClusterTooSmall, match=r"2 GPU workers need 2 GPUs, but the Ray cluster has 1"):
+        check_cluster_resources(Scaling(2, True, 1.0), {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(ClusterTooSmall, match="at least 1"):
+        check_cluster_resources(Scaling(0, False, 1.0), {"CPU": 8.0})
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_more_workers_than_cpus_fails_fast_on_a_real_cluster(shards, tmp_path):
+    out = _train(["--data", str(shards), "--workers", "64", "--address", "local", "--no-mlflow",
+                  "--storage-path", str(tmp_path / "runs")], tmp_path)
+    assert out.returncode != 0
+    assert re.search(r"64 workers x 1 CPU = 64 CPUs, but the Ray cluster has \d+", out.stderr), out.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def _finished_epochs(log: str) -> list[int]:
+    return [int(m) for m in re.findall(r"epoch (\d+)/\d+ done in", log)]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_worker_death_resumes_from_checkpoint_and_resume_continues(shards, tmp_path):
+    storage = tmp_path / "runs"
+    common = ["--data", str(shards), "--workers", "2", "--address", "local", "--no-mlflow", "--log-every", "1",
+              "--storage-path", str(storage), "train.batch_size=8", "train.eval_every=2"]
+    out = _train([*common, "--name", "faulty", "--epochs", "3", "--inject-failure", "2:3:1",
+                  "--summary-json", str(tmp_path / "summary.json")], tmp_path, timeout=420)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "injected failure: rank 1 exits at epoch 2 step 3" in log
+    assert "resuming from" in log and "(epoch 1 done)" in log
+    assert _finished_epochs(log) == [1, 2, 3]  # epoch 1 is not trained twice
+    # the replacement workers redo epoch 2 from its start, with the same data and weights
+    before, after = re.findall(r"epoch 2/3 step 1/4  loss (\S+)", log)
+    assert before == after
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    last = load_checkpoint(summary["last_checkpoint"])
+    assert last.epoch == 3 and last.step == 3 * 4  # 64 images / 2 ranks / batch 8 = 4 steps
+
+    # --resume NAME continues the stopped run where it stopped: only the new epoch trains
+    again = _train([*common, "--resume", "faulty", "--epochs", "4", "--summary-json",
+                    str(tmp_path / "summary2.json")], tmp_path, timeout=300)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-4000:]
+    assert _finished_epochs(log) == [4]
+    last = load_checkpoint(json.loads((tmp_path / "summary2.json").read_text())["last_checkpoint"])
+    assert last.epoch == 4 and last.step == 4 * 4
