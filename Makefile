@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast bench lint clean up down
+.PHONY: venv demo quickstart test test-fast bench lint clean up down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,8 +13,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## demo: train the tiny SSD on the embedded synthetic data (no download, no GPU)
+## demo: the synthetic data, a local Ray head + MLflow server, `ray job submit` of a 2-worker
+## training of the tiny SSD, the model registered (no download, no GPU; `make down` stops them)
 demo: venv
+	$(PY) pipelines/demo.py
+
+## quickstart: the same training in one process, without Ray or MLflow
+quickstart: venv
 	$(PY) pipelines/quickstart.py
 
 ## test: the whole test suite (CPU, a few minutes)

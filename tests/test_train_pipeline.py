@@ -91,13 +91,17 @@ def _finished_epochs(log: str) -> list[int]:
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_worker_death_resumes_from_checkpoint_and_resume_continues(shards, tmp_path):
+    """Also: with MLflow unreachable the run warns, trains and checkpoints as usual."""
     storage = tmp_path / "runs"
-    common = ["--data", str(shards), "--workers", "2", "--address", "local", "--no-mlflow", "--log-every", "1",
+    # MLflow unreachable (nothing listens on port 9): the run must warn and train on regardless
+    common = ["--data", str(shards), "--workers", "2", "--address", "local", "--mlflow-uri", "http://127.0.0.1:9",
+              "--log-every", "1",
               "--storage-path", str(storage), "train.batch_size=8", "train.eval_every=2"]
     out = _train([*common, "--name", "faulty", "--epochs", "3", "--inject-failure", "2:3:1",
                   "--summary-json", str(tmp_path / "summary.json")], tmp_path, timeout=420)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
+    assert "MLflow at http://127.0.0.1:9 failed to start the run; tracking is off" in log
     assert "injected failure: rank 1 exits at epoch 2 step 3" in log
     assert "resuming from" in log and "(epoch 1 done)" in log
     assert _finished_epochs(log) == [1, 2, 3]  # epoch 1 is not trained twice
