@@ -6,7 +6,8 @@ Score a COCO results file against a COCO ground-truth file, from the repository 
 
 It prints the metrics as ONE JSON object on stdout (``AP``, ``AP50``, ``AP75``, ``AP_small``,
 ``AP_medium``, ``AP_large``, ``AR1``, ``AR10``, ``AR100``, ``AR_small``, ``AR_medium``,
-``AR_large``, ``per_class_AP``) and nothing else; logs (and pycocotools' report with
+``AR_large``, ``per_class_AP``, ``per_class_AP50`` and ``pr_curve50``: the precision at IoU 0.5
+over pycocotools' 101 recall points, per class) and nothing else on stdout; logs (and pycocotools' report with
 ``--verbose``) go to stderr, so ``... | jq .AP`` works. ``--output FILE`` also writes the JSON to
 a file. A missing or malformed input exits with status 1 and a message (on stderr) naming the file.
 """
