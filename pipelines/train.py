@@ -120,7 +120,7 @@ def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
     """Config, data and run identity from the command line; raises BadRequest before any Ray."""
     from ssd.distributed.trainer import latest_checkpoint
 
-    storage = args.storage_path or default_storage_path()
+    storage = _local(args.storage_path or default_storage_path())  # Ray wants it absolute
     resumed: dict[str, Any] = {}
     resume_from = None
     overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])

@@ -29,6 +29,9 @@ from torch import nn
 from ssd.config import Config, config_from_dict
 
 FORMAT_VERSION = 1
+#: what a model needs to be rebuilt for inference; ``training.pt`` (optimizer state: as large as
+#: the model again) only matters for resuming
+INFERENCE_FILES = ("model.pt", "meta.json", "config.yaml")
 
 
 @dataclass
@@ -117,13 +120,15 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint directory written by ``save_checkpoint`` (weights only, no pickled code)."""
     path = Path(path)
-    missing = [name for name in ("model.pt", "training.pt", "meta.json", "config.yaml") if not (path / name).is_file()]
+    missing = [name for name in INFERENCE_FILES if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path / 'meta.json'}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
-    training = torch.load(path / "training.pt", map_location=map_location, weights_only=True)
+    training: dict[str, Any] = {"optimizer": None, "scheduler": None, "scaler": None, "rng": None}
+    if (path / "training.pt").is_file():  # absent from an inference copy (``inference_copy``)
+        training = torch.load(path / "training.pt", map_location=map_location, weights_only=True)
     return Checkpoint(
         model=torch.load(path / "model.pt", map_location=map_location, weights_only=True),
         epoch=meta["epoch"],
@@ -137,6 +142,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         metrics=meta["metrics"],
         extra=meta.get("extra", {}),
     )
+
+
+def inference_copy(src: str | Path, dst: str | Path) -> Path:
+    """Copy a checkpoint's inference files (no optimizer state) into a new folder ``dst``."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True)
+    for name in INFERENCE_FILES:
+        shutil.copy2(src / name, dst / name)
+    return dst
 
 
 def restore(

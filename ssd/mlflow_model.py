@@ -34,6 +34,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from ssd.checkpoint import inference_copy
 from ssd.serving import COLUMNS, Detector
 
 #: Distributions the served model needs, pinned to the versions installed where it is logged.
@@ -249,7 +250,8 @@ def _log_and_register(
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=str(entry),
-                    artifacts={"checkpoint": str(checkpoint_dir)},
+                    # without training.pt: the optimizer state is as large as the model again
+                    artifacts={"checkpoint": str(inference_copy(checkpoint_dir, Path(tmp) / "checkpoint"))},
                     code_paths=[code],
                     pip_requirements=requirements,
                     signature=_signature(),

@@ -87,7 +87,7 @@ def test_ddp_style_wrappers_are_unwrapped(tmp_path):
 def test_incomplete_or_foreign_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "model.pt").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="missing training.pt, meta.json, config.yaml"):
+    with pytest.raises(FileNotFoundError, match="missing meta.json, config.yaml"):
         load_checkpoint(tmp_path / "half")
     cfg, _, model, _, _ = _setup()
     save_checkpoint(tmp_path / "c", model=model, epoch=0, step=0, config=cfg, classes=CLASSES)
@@ -95,3 +95,20 @@ def test_incomplete_or_foreign_checkpoints_are_clear_errors(tmp_path):
     torch.save({"f": print}, tmp_path / "c" / "model.pt")
     with pytest.raises(Exception, match="[Ww]eights only"):
         load_checkpoint(tmp_path / "c")
+
+
+def test_inference_copy_loads_without_optimizer_state(tmp_path):
+    from ssd.checkpoint import inference_copy
+
+    cfg = load_config("tiny", ["model.num_classes=3"])
+    model = build_model(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    full = save_checkpoint(tmp_path / "full", model=model, epoch=2, step=10, config=cfg, classes=["a", "b"],
+                           optimizer=optimizer)
+    copy = inference_copy(full, tmp_path / "copy")
+    assert sorted(p.name for p in copy.iterdir()) == ["config.yaml", "meta.json", "model.pt"]
+    loaded = load_checkpoint(copy)
+    assert loaded.optimizer is None and loaded.rng is None and loaded.epoch == 2
+    assert all(torch.equal(loaded.model[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="no optimizer state"):
+        restore(loaded, build_model(cfg), optimizer)
