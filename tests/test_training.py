@@ -128,3 +128,19 @@ def test_failure_spec_and_helpers():
     assert format_duration(59.6) == "1m00s" and format_duration(3725) == "1h02m"
     seeds = {epoch_seed(0, e, r) for e in range(4) for r in range(4)}
     assert len(seeds) == 16  # every (epoch, rank) draws its own augmentation
+
+
+def test_voc_data_is_also_scored_with_the_voc07_metric(tmp_path):
+    from ssd.data.convert import make_synthetic_shards
+
+    make_synthetic_shards(tmp_path, {"train": 16, "val": 16}, layout="voc", progress=False, log=lambda _: None)
+    recorder = _Recorder(tmp_path / "checkpoints")
+    last = run_training(_cfg(1), _options(tmp_path), report=recorder)
+    assert 0.0 <= last["VOC07_mAP"] <= 1.0
+    assert {f"VOC07_AP/{name}" for name in ("circle", "ring")} <= set(last)
+    assert load_checkpoint(recorder.saved[0]).metrics["VOC07_mAP"] == pytest.approx(last["VOC07_mAP"])
+
+
+def test_coco_data_has_no_voc_metric(shards, tmp_path):
+    last = run_training(_cfg(1), _options(shards), report=_Recorder(tmp_path))
+    assert "VOC07_mAP" not in last and last["mAP"] == last["AP"]
