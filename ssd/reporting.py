@@ -21,6 +21,7 @@ same artifact paths.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -412,3 +413,41 @@ def write_eval_report(
             )
         )
     return paths
+
+
+def plot_sweep(rows: list[dict], searched: Sequence[str], path: Path, score: str = "best_mAP") -> Path:
+    """One panel per searched key: each trial's ``score`` against its value (categorical values,
+    e.g. aspect-ratio sets, on an index axis labelled with the values). Trials that never
+    trained (score < 0) are left out. Returns ``path`` (PNG)."""
+
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    trained = [r for r in rows if r.get(score, -1) is not None and r.get(score, -1) >= 0]
+    keys = list(searched) or ["trial"]
+    columns = min(3, len(keys))
+    lines = -(-len(keys) // columns)
+    fig = Figure(figsize=(4.2 * columns, 3.4 * lines), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(lines, columns, i + 1)
+        values = [r.get(key) for r in trained]
+        scores = [r[score] for r in trained]
+        if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            ax.scatter(values, scores)
+            if key.endswith(".lr") and min(values) > 0:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({json.dumps(v) for v in values})
+            ax.scatter([labels.index(json.dumps(v)) for v in values], scores)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels([lab if len(lab) <= 18 else lab[:16] + "…" for lab in labels], rotation=30,
+                               ha="right", fontsize=7)
+        ax.set_xlabel(key)
+        ax.set_ylabel(score)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path

@@ -117,7 +117,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
                              checkpoint_dir_name=name)
 
+    if rank == 0 and loop_config.get("placement_group_file"):
+        _write_placement_group(Path(loop_config["placement_group_file"]))
     run_training(cfg, options, device=device, report=report, resume=resume, tracker=tracker)
+
+
+def _write_placement_group(path: Path) -> None:
+    """Record this run's placement group, so that whoever stops the run abruptly (Tune's ASHA
+    kills the trial, and with it the Train controller) can release it: Ray 2.60 keeps a
+    placement group whose creating actor was killed, holding its CPUs for good."""
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(group.id.hex())
+
+
+def release_placement_group(path: str | Path) -> bool:
+    """Remove the placement group recorded at ``path`` if it still exists; True if removed."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    group_id = path.read_text().strip()
+    entry = placement_group_table().get(group_id)
+    if entry is None or entry.get("state") == "REMOVED":
+        return False
+    ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+    return True
 
 
 def build_trainer(
@@ -130,6 +158,8 @@ def build_trainer(
     max_failures: int = 2,
     keep_checkpoints: int = 3,
     resume_from: str | None = None,
+    callbacks: list[Any] | None = None,
+    placement_group_file: str | None = None,
 ) -> TorchTrainer:
     """A ``TorchTrainer`` for one training run.
 
@@ -139,9 +169,13 @@ def build_trainer(
         max_failures: worker-group restarts (from the last checkpoint) before the run fails.
         keep_checkpoints: checkpoints kept: the best by validation mAP, plus always the latest.
         resume_from: a checkpoint directory to start from (a new run continuing an old one).
+        callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
+        placement_group_file: rank 0 writes the run's placement-group id there (see
+            ``release_placement_group``).
     """
     loop_config = {"config": cfg.to_dict(), "options": asdict(options),
-                   "threads": max(1, math.floor(scaling.cpus_per_worker))}
+                   "threads": max(1, math.floor(scaling.cpus_per_worker)),
+                   "placement_group_file": placement_group_file}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -150,6 +184,7 @@ def build_trainer(
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints, checkpoint_score_attribute=SCORE,
                                                checkpoint_score_order="max"),
             # Train V2 turns every print into a log record and also prints it, which doubles our
