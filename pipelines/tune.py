@@ -219,6 +219,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             run_config=tune.RunConfig(name=request["name"], storage_path=request["storage"], verbose=1,
                                       callbacks=[ReleaseStoppedTrials(setup)]))
     results = tuner.fit()
+    unfinished = [t.trial_id for t in results._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:  # Ctrl-C (or SIGTERM): Tune saved its state; nothing is final yet
+        if tracker is not None:
+            tracker.set_tags({"interrupted": "true"})
+            tracker.end("KILLED")
+        print(f"\nsweep {request['name']} interrupted with {len(unfinished)} trial(s) unfinished; continue it with "
+              f"python pipelines/tune.py --resume {request['name']}" + (f" --storage-path {request['storage']}"
+                                                                          if args.storage_path else ""), flush=True)
+        raise SystemExit(130)
     rows = trial_rows(results, searched, epochs)
     trial_epochs = sum(r["epochs"] for r in rows)
     best = max((r for r in rows if r["best_mAP"] > NO_SCORE), key=lambda r: r["best_mAP"], default=None)

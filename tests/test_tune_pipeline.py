@@ -105,3 +105,39 @@ def test_prescreen_skips_low_recall_specs_and_an_unbuildable_combination_fails_a
     assert by_values[(0.2, 0.7)]["status"] == by_values[(0.2, 0.9)]["status"] == "completed"
     assert summary["trial_epochs"] == 2 and summary["by_status"] == {"completed": 2, "invalid": 1, "skipped": 1}
     assert "s_min" in log and "invalid config" in log
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(shards, tmp_path):
+    import signal
+    import time
+
+    storage = tmp_path / "runs"
+    args = ["--space", str(ROOT / "tune_spaces" / "loss_aug.yaml"), "--data", str(shards), "--num-samples", "3",
+            "--epochs", "1", "--max-concurrent", "1", "--scheduler", "fifo", "--address", "local", "--no-mlflow",
+            "--storage-path", str(storage), "--name", "resumable", "train.batch_size=8"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([sys.executable, str(TUNE), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    groups = storage / "resumable" / "placement_groups"
+    deadline = time.time() + 300
+    while len(list(groups.glob("*"))) < 2:  # the second trial has started training
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
+        time.sleep(0.5)
+    first_trials = {p.name for p in groups.glob("*")}
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 130, log[-3000:]
+    assert "interrupted" in log and "--resume resumable" in log
+
+    summary_path = tmp_path / "summary.json"
+    out = _tune(["--resume", "resumable", "--storage-path", str(storage), "--summary-json", str(summary_path)],
+                tmp_path)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-5000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["trials"] == 3 and summary["by_status"] == {"completed": 3}
+    finished_before = sorted(first_trials)[0]  # the first trial had completed before the interrupt
+    assert f"{finished_before} started" not in log.replace("trial_driver_", "")
