@@ -249,8 +249,33 @@ def start_tracking(args: argparse.Namespace, request: dict[str, Any], scaling: A
 def init_ray(address: str | None) -> None:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+    if ray.is_initialized():
+        return
+    if address is None and not os.environ.get("RAY_ADDRESS") and _stale_local_cluster():
+        # ray.init() would retry the dead cluster's GCS forever instead of starting a new one
+        print("the last local Ray cluster recorded in /tmp/ray is gone; starting a new one", flush=True)
+        address = "local"
+    ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+
+
+def _stale_local_cluster() -> bool:
+    """True when /tmp/ray names a local cluster whose GCS no longer answers."""
+    import socket
+
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        recorded = find_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - a Ray without this helper: let ray.init decide
+        return False
+    if not recorded:
+        return False
+    host, _, port = recorded.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return False
+    except (OSError, ValueError):
+        return True
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

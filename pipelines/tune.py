@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -215,16 +216,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             trainable, param_space=to_tune_space(space),
             tune_config=tune.TuneConfig(metric=SCORE, mode="max", scheduler=scheduler, num_samples=saved_args.num_samples,
                                         max_concurrent_trials=concurrent,
-                                        search_alg=BasicVariantGenerator(random_state=saved_args.seed)),
+                                        # explicit: a search algorithm passed in ignores the line above
+                                        search_alg=BasicVariantGenerator(random_state=saved_args.seed,
+                                                                         max_concurrent=concurrent)),
             run_config=tune.RunConfig(name=request["name"], storage_path=request["storage"], verbose=1,
                                       callbacks=[ReleaseStoppedTrials(setup)]))
+    # Tune's Ctrl-C handler saves the sweep's state, ends fit() early and puts back the handler
+    # it found: finding ours back afterwards is how we know the sweep was interrupted.
+    signal.signal(signal.SIGINT, _interrupted_marker)
     results = tuner.fit()
-    unfinished = [t.trial_id for t in results._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
-    if unfinished:  # Ctrl-C (or SIGTERM): Tune saved its state; nothing is final yet
+    interrupted = signal.getsignal(signal.SIGINT) is _interrupted_marker
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:  # nothing is final yet
         if tracker is not None:
             tracker.set_tags({"interrupted": "true"})
             tracker.end("KILLED")
-        print(f"\nsweep {request['name']} interrupted with {len(unfinished)} trial(s) unfinished; continue it with "
+        print(f"\nsweep {request['name']} interrupted; continue it with "
               f"python pipelines/tune.py --resume {request['name']}" + (f" --storage-path {request['storage']}"
                                                                           if args.storage_path else ""), flush=True)
         raise SystemExit(130)
@@ -264,6 +271,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _interrupted_marker(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _close_children(tracker: Tracker, rows: list[dict[str, Any]]) -> None:

@@ -110,6 +110,11 @@ def trial_driver(values: dict[str, Any], setup: SweepSetup) -> None:
             _untrained_child(setup, trial_id, values, tags | {"status": "skipped", "prior_recall": f"{recall:.4f}"})
             tune.report({SCORE: NO_SCORE, "invalid": 0, "skipped": 1, "prior_recall": recall})
             return
+    run_name = f"{setup.sweep_name}-train-{trial_id}"
+    finished = _finished_run_metrics(setup, run_name, cfg.train.epochs)
+    if finished is not None:  # a resumed sweep: this trial's training had ended before the stop
+        tune.report(finished)
+        return
     tracker = None
     if setup.tracking_uri and setup.parent_run_id:
         tracker = Tracker(setup.tracking_uri, setup.experiment, f"trial-{trial_id}", tags=tags | {"status": "running"},
@@ -119,7 +124,7 @@ def trial_driver(values: dict[str, Any], setup: SweepSetup) -> None:
     options = RunOptions(**setup.options)
     if tracker is not None and tracker.active:
         options = replace(options, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
-    trainer = build_trainer(cfg, options, setup.scaling, name=f"{setup.sweep_name}-train-{trial_id}",
+    trainer = build_trainer(cfg, options, setup.scaling, name=run_name,
                             storage_path=setup.storage_path, max_failures=0, keep_checkpoints=1,
                             callbacks=[TuneReportCallback()],
                             placement_group_file=placement_group_file(setup, trial_id))
@@ -133,6 +138,22 @@ def trial_driver(values: dict[str, Any], setup: SweepSetup) -> None:
     if tracker is not None:
         tracker.set_tags({"status": "completed"})
         tracker.end("FINISHED")
+
+
+def _finished_run_metrics(setup: SweepSetup, run_name: str, epochs: int) -> dict[str, Any] | None:
+    """The last epoch's metrics of a trial's Train run that already trained every epoch.
+
+    Ray Train would "resume" such a run by returning at once, with nothing reported to Tune.
+    """
+    from ssd.distributed.trainer import latest_checkpoint
+
+    if "://" in setup.storage_path:
+        return None
+    last = latest_checkpoint(Path(setup.storage_path) / run_name)
+    if last is None:
+        return None
+    meta = json.loads((last / "meta.json").read_text())
+    return meta["metrics"] if meta["epoch"] >= epochs else None
 
 
 def _untrained_child(setup: SweepSetup, trial_id: str, values: dict[str, Any], tags: dict[str, str]) -> None:
