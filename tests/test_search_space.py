@@ -84,10 +84,15 @@ def test_a_combination_that_cannot_be_built_fails_only_its_trial():
 
 
 def test_includes_resolve_relative_and_detect_cycles(tmp_path):
-    (tmp_path / "a.yaml").write_text("include: [b.yaml]\nspace:\n  optim.lr: {uniform: [0.01, 0.02]}\n")
-    (tmp_path / "b.yaml").write_text("space:\n  optim.lr: {uniform: [0.5, 0.6]}\n  loss.neg_ratio: 4\n")
+    (tmp_path / "a.yaml").write_text("include: [b.yaml]\nspace:\n  optim.lr: {uniform: [0.01, 0.02]}\n"
+                                     "  loss.neg_ratio: {randint: [2, 4]}\n  augment.strength: 0.5\n")
+    (tmp_path / "b.yaml").write_text("space:\n  optim.lr: {uniform: [0.5, 0.6]}\n  loss.neg_ratio: 4\n"
+                                     "  augment.strength: {uniform: [0.0, 1.0]}\n  train.epochs: 3\n")
     space = SearchSpace.load(tmp_path / "a.yaml")
-    assert space.params["optim.lr"].args == (0.01, 0.02) and space.fixed == {"loss.neg_ratio": 4}
+    # the including file wins, whether it turns a fixed value into a search or the reverse
+    assert space.params["optim.lr"].args == (0.01, 0.02) and space.params["loss.neg_ratio"].kind == "randint"
+    assert space.fixed == {"augment.strength": 0.5, "train.epochs": 3}
+    assert set(space.params) == {"optim.lr", "loss.neg_ratio"}
     (tmp_path / "c.yaml").write_text("include: [d.yaml]\n")
     (tmp_path / "d.yaml").write_text("include: [c.yaml]\n")
     with pytest.raises(SpaceError, match="includes itself"):
