@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from _common import RESULTS_DIR, machine_info  # noqa: E402
+from _common import RESULTS_DIR, machine_info
 
 CASES = [("1 worker x 1 CPU", 1, 1.0), ("2 workers x 1 CPU", 2, 1.0), ("1 worker x 2 CPUs", 1, 2.0)]
 

@@ -141,3 +141,13 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(shards, tmp
     assert summary["trials"] == 3 and summary["by_status"] == {"completed": 3}
     finished_before = min(first_trials)  # the first trial had completed before the interrupt
     assert f"{finished_before} started" not in log.replace("trial_driver_", "")
+
+
+def test_trial_concurrency_follows_free_resources():
+    from ssd.distributed.trainer import Scaling
+    from ssd.distributed.tune import max_concurrent_trials
+
+    assert max_concurrent_trials(Scaling(1, False, 1.0), {"CPU": 2.0}) == 2
+    assert max_concurrent_trials(Scaling(2, False, 1.0), {"CPU": 5.0}) == 2
+    assert max_concurrent_trials(Scaling(1, False, 2.0), {"CPU": 1.0}) == 1  # queued, never 0
+    assert max_concurrent_trials(Scaling(1, True, 4.0), {"CPU": 32.0, "GPU": 3.0}) == 3

@@ -67,11 +67,12 @@ def to_tune_space(space: SearchSpace) -> dict[str, Any]:
 
 
 def max_concurrent_trials(scaling: Scaling, resources: dict[str, float] | None = None) -> int:
-    """How many trials fit the cluster at once (each needs its workers' CPUs and GPUs)."""
-    resources = ray.cluster_resources() if resources is None else resources
+    """How many trials fit the cluster's free resources at once (each needs its workers' CPUs
+    and GPUs; the trial drivers themselves take none). At least 1: a busy cluster queues."""
+    resources = ray.available_resources() if resources is None else resources
     by_cpu = resources.get("CPU", 0.0) // (scaling.num_workers * scaling.cpus_per_worker)
     fit = by_cpu if not scaling.use_gpu else min(by_cpu, resources.get("GPU", 0.0) // scaling.num_workers)
-    return int(fit)
+    return max(1, int(fit))
 
 
 def prior_recall(cfg: Any, gt: dict[str, Any]) -> float:
