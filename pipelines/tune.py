@@ -278,19 +278,29 @@ def _interrupted_marker(signum: int, frame: Any) -> None:
 
 
 def _close_children(tracker: Tracker, rows: list[dict[str, Any]]) -> None:
-    """Trials that ASHA stopped were killed mid-run: mark their child runs KILLED, not RUNNING."""
+    """Child runs end in the state of their trial: the drivers of trials that ASHA stopped (even
+    at their last epoch) are ended mid-run, leaving the run RUNNING or FAILED. Stopped early ->
+    KILLED, completed -> FINISHED, anything else still RUNNING -> KILLED ("interrupted")."""
     import mlflow
 
     client = mlflow.MlflowClient(tracker.uri)
-    stopped = {r["trial_id"] for r in rows if r["status"] in ("stopped early", "error")}
+    stopped = {r["trial_id"] for r in rows if r["status"] == "stopped early"}
+    completed = {r["trial_id"] for r in rows if r["status"] == "completed"}
     try:
         run = client.get_run(tracker.run_id)
         children = client.search_runs([run.info.experiment_id],
                                       filter_string=f"tags.mlflow.parentRunId = '{tracker.run_id}'")
         for child in children:
-            if child.info.status == "RUNNING":
-                trial = child.data.tags.get("trial_id")
-                client.set_tag(child.info.run_id, "status", "stopped early" if trial in stopped else "interrupted")
+            trial = child.data.tags.get("trial_id")
+            if trial in stopped:
+                client.set_tag(child.info.run_id, "status", "stopped early")
+                client.set_terminated(child.info.run_id, "KILLED")
+            elif trial in completed and child.info.status != "FINISHED":
+                # ASHA also stops every trial that reaches max_t, which can beat its driver's end()
+                client.set_tag(child.info.run_id, "status", "completed")
+                client.set_terminated(child.info.run_id, "FINISHED")
+            elif child.info.status == "RUNNING":
+                client.set_tag(child.info.run_id, "status", "interrupted")
                 client.set_terminated(child.info.run_id, "KILLED")
     except Exception as err:  # noqa: BLE001 - bookkeeping only
         print(f"warning: could not close the trials' MLflow runs: {err}", file=sys.stderr)
