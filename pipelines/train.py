@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -232,8 +233,6 @@ def start_tracking(args: argparse.Namespace, request: dict[str, Any], scaling: A
         "ray.workers": scaling.num_workers, "ray.use_gpu": scaling.use_gpu,
         "ray.cpus_per_worker": scaling.cpus_per_worker, "amp": args.amp,
     })
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.yaml"
         config_path.write_text(cfg.to_yaml())

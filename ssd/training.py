@@ -36,8 +36,9 @@ from ssd.checkpoint import Checkpoint, restore, save_checkpoint, unwrap
 from ssd.config import Config
 from ssd.data.shards import ShardLoader, ShardSet, ShardStream
 from ssd.engine import Trainer, build_optimizer, build_scheduler, evaluate, network_input, predict
-from ssd.evaluate import CocoEvaluator, VocEvaluator
+from ssd.evaluate import COCO_STAT_NAMES, CocoEvaluator, VocEvaluator
 from ssd.models import build_model
+from ssd.reporting import write_eval_report
 from ssd.transforms import build_transform
 
 #: the checkpoint score: COCO AP@[.5:.95] on the validation shards
@@ -255,8 +256,6 @@ class _Evaluation:
 
 def _eval_metrics(coco: dict[str, Any], voc: dict[str, Any] | None) -> dict[str, float]:
     """Flat numbers for reporting: the COCO suite, per-class AP, and VOC07 mAP where given."""
-    from ssd.evaluate import COCO_STAT_NAMES
-
     out = {name: float(coco[name]) for name in COCO_STAT_NAMES}
     out[SCORE] = out["AP"]
     out.update({f"AP/{name}": float(v) for name, v in coco["per_class_AP"].items()})
@@ -270,10 +269,6 @@ def _log_eval_artifacts(tracker: Any, epoch: int, coco: dict, voc: dict | None, 
                         sample: tuple | None) -> None:
     """Per-class AP table, PR curves and a detection grid into the run's ``eval/epoch-NNN``."""
     if tracker is None or not tracker.active:
-        return
-    try:
-        from ssd.reporting import write_eval_report
-    except ImportError:  # pragma: no cover - reporting is part of the package
         return
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,16 +26,10 @@ AP50_FLOOR = 0.01
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def services(tmp_path_factory):
+def services(tmp_path_factory, free_port):
     root = tmp_path_factory.mktemp("services")
-    ports = {"RAY_PORT": _free_port(), "RAY_DASHBOARD_PORT": _free_port(), "MLFLOW_PORT": _free_port()}
+    ports = {"RAY_PORT": free_port(), "RAY_DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "PYTHON": sys.executable,
            "SSD_LOCAL_STATE": str(root / "state"), "SSD_MLFLOW_HOME": str(root / "mlflow"),
            "RAY_NUM_CPUS": "2", "RAY_OBJECT_STORE_MB": "256", "RAY_AUTH_MODE": "disabled"}
