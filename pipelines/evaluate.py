@@ -1,24 +1,61 @@
-"""Evaluate detections with the COCO metric (pycocotools).
+"""Evaluate detections with the COCO metric (pycocotools), or a model on a validation shard set.
 
-Score a COCO results file against a COCO ground-truth file, from the repository root:
+Two modes, from the repository root:
 
     python pipelines/evaluate.py --coco-gt GT.json --detections DET.json
+    python pipelines/evaluate.py --model models:/ssd-voc@champion --data shards/voc/val [--log-to-mlflow]
 
-It prints the metrics as ONE JSON object on stdout (``AP``, ``AP50``, ``AP75``, ``AP_small``,
-``AP_medium``, ``AP_large``, ``AR1``, ``AR10``, ``AR100``, ``AR_small``, ``AR_medium``,
-``AR_large``, ``per_class_AP``, ``per_class_AP50`` and ``pr_curve50``: the precision at IoU 0.5
-over pycocotools' 101 recall points, per class) and nothing else on stdout; logs (and pycocotools' report with
-``--verbose``) go to stderr, so ``... | jq .AP`` works. ``--output FILE`` also writes the JSON to
-a file. A missing or malformed input exits with status 1 and a message (on stderr) naming the file.
+Detections file mode (``--coco-gt`` and ``--detections``): scores a COCO results file against a
+COCO ground-truth file.
+
+Model mode (``--model`` and ``--data``): runs a model over every image of a shard set
+(``pipelines/make_shards.py``: a folder with ``dataset.json``, that file, or an ``s3://`` / http
+URL) and scores it exactly as training's validation does (``ssd.scoring.evaluate_checkpoint``).
+``--model`` is a model reference (``ssd.registry``): ``models:/NAME@ALIAS``,
+``models:/NAME/VERSION``, ``runs:/RUN_ID/model`` or a checkpoint folder; registered models are
+looked up at ``--mlflow-uri`` (default ``$MLFLOW_TRACKING_URI``, else the local SQLite store of
+``ssd.tracking``). The model's classes must be the shard set's, in the same order.
+
+Either way it prints the metrics as ONE JSON object on stdout (``AP``, ``AP50``, ``AP75``,
+``AP_small``, ``AP_medium``, ``AP_large``, ``AR1``, ``AR10``, ``AR100``, ``AR_small``,
+``AR_medium``, ``AR_large``, ``per_class_AP``, ``per_class_AP50`` and ``pr_curve50``: the
+precision at IoU 0.5 over pycocotools' 101 recall points, per class) and nothing else on stdout;
+logs (and pycocotools' report with ``--verbose``) go to stderr, so ``... | jq .AP`` works. Model
+mode adds ``model`` (the reference), ``name`` and ``version`` (the registered version, else
+null), ``data``, ``data_hash`` (``dataset.json``'s content hash), ``images`` and, for a shard set
+converted from PASCAL VOC, ``VOC07`` (``{"mAP", "per_class_AP"}``, 11-point AP; null for a class
+without ground truth: the JSON is strict). ``--output FILE`` also writes the JSON to a file.
+
+``--log-to-mlflow`` (model mode) records the evaluation in MLflow at the tracking URI:
+
+* a run ``evaluate <NAME/VERSION or reference> on <data folder name>`` in ``--experiment``
+  (default ``ssd-ray-eval``), with params ``model``, ``data``, ``data_hash``, ``images``, the
+  flat metrics (``AP``, ``AP50``, ..., ``mAP`` = ``AP``, ``AP/<class>``, ``VOC07_mAP`` and
+  ``VOC07_AP/<class>`` for VOC data), linked to the logged model and the dataset (name = the
+  data folder name, digest = the content hash) when the model is an MLflow model, and the JSON
+  as the artifact ``evaluation.json``; the printed JSON gets ``mlflow_run_id``;
+* for a registered version, version tags ``eval/<data folder name>/mAP`` (COCO AP),
+  ``.../AP50``, ``.../VOC07_mAP`` (VOC data), ``.../data_hash`` and ``.../run_id``.
+
+An explicit request: if MLflow fails, the command fails (status 1; ``--output`` is written first).
+
+Errors (a missing or malformed input, an unknown model, missing or bad shards, a class mismatch)
+exit with status 1 and a message on stderr naming the file, model or shard set; no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 try:
     from ssd.evaluate import coco_evaluate
@@ -28,35 +65,88 @@ except ImportError:  # run from a checkout where `ssd` is not installed: use the
 
 log = logging.getLogger("evaluate")
 
+DEFAULT_EXPERIMENT = "ssd-ray-eval"
+
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Evaluate detections with the COCO metric (pycocotools).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    files = parser.add_argument_group("detections file mode")
+    files.add_argument(
         "--coco-gt",
         type=Path,
-        required=True,
+        default=None,
         help="COCO ground-truth JSON (images, annotations, categories)",
     )
-    parser.add_argument(
+    files.add_argument(
         "--detections",
         type=Path,
-        required=True,
+        default=None,
         help='COCO results JSON: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]',
+    )
+    files.add_argument(
+        "--verbose", action="store_true", help="print pycocotools' report (on stderr)"
+    )
+    model = parser.add_argument_group("model mode")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint folder",
+    )
+    model.add_argument(
+        "--data", default=None, help="validation shard set: folder with dataset.json, that file, or a URL"
+    )
+    model.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where the network runs (default: cuda if available, else cpu)",
+    )
+    model.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    model.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="tracking/registry URI (default $MLFLOW_TRACKING_URI, else the local SQLite store)",
+    )
+    model.add_argument(
+        "--log-to-mlflow",
+        action="store_true",
+        help="log the result as an MLflow run (and registered-version tags); failures are errors",
+    )
+    model.add_argument(
+        "--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment of --log-to-mlflow runs (default {DEFAULT_EXPERIMENT})"
     )
     parser.add_argument(
         "--output", type=Path, default=None, help="also write the metrics JSON here"
     )
-    parser.add_argument(
-        "--verbose", action="store_true", help="print pycocotools' report (on stderr)"
-    )
     return parser
+
+
+def _mode(args: argparse.Namespace) -> str:
+    """"files" or "model"; SystemExit for a missing or mixed set of mode flags."""
+    files = [flag for flag, value in (("--coco-gt", args.coco_gt), ("--detections", args.detections))
+             if value is not None]
+    model = [flag for flag, value in (("--model", args.model), ("--data", args.data)) if value is not None]
+    if files and model:
+        raise SystemExit(f"error: {' and '.join(files)} (detections file mode) cannot be combined with "
+                         f"{' and '.join(model)} (model mode)")
+    if model:
+        if len(model) == 1:
+            raise SystemExit(f"error: model mode needs both --model and --data (got only {model[0]})")
+        return "model"
+    if len(files) != 2:
+        if files:
+            raise SystemExit(f"error: detections file mode needs both --coco-gt and --detections "
+                             f"(got only {files[0]})")
+        raise SystemExit("error: give --coco-gt GT.json --detections DET.json, or --model REF --data SHARDS")
+    if args.log_to_mlflow:
+        raise SystemExit("error: --log-to-mlflow needs model mode (--model and --data)")
+    return "files"
 
 
 def main(args: argparse.Namespace) -> dict:
     """Run the evaluation; print the metrics JSON on stdout and return the metrics dict."""
+    if _mode(args) == "model":
+        return main_model(args)
     for flag, path in (("--coco-gt", args.coco_gt), ("--detections", args.detections)):
         if not path.is_file():
             raise SystemExit(f"error: {flag} file not found: {path}")
@@ -67,12 +157,171 @@ def main(args: argparse.Namespace) -> dict:
         # The library's messages already name the file and the field.
         raise SystemExit(f"error: {e}") from None
     text = json.dumps(metrics)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n", encoding="utf-8")
-        log.info("wrote %s", args.output)
+    _write_output(args.output, text)
     print(text)
     return metrics
+
+
+def _write_output(path: Path | None, text: str) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+        log.info("wrote %s", path)
+
+
+# --------------------------------------------------------------------------------------------
+# Model mode
+# --------------------------------------------------------------------------------------------
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities -> None, recursively (strict JSON: VOC AP of a class without GT)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def data_name(spec: str) -> str:
+    """The shard set's folder name: ``shards/voc/val`` and ``shards/voc/val/dataset.json`` ->
+    ``val``; ``s3://bucket/voc/val/`` -> ``val``."""
+    text = spec.rstrip("/")
+    if text.endswith(".json"):
+        text = text.rsplit("/", 1)[0] if "/" in text else "."
+    name = text.rsplit("/", 1)[-1]
+    if name in ("", ".", "..") and "://" not in text:
+        name = Path(text or ".").resolve().name
+    return name or "data"
+
+
+def _mlflow_env() -> None:
+    # fail in seconds, not minutes of retries, when the server is unreachable (as ssd.tracking)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def main_model(args: argparse.Namespace) -> dict[str, Any]:
+    """Model mode: evaluate ``--model`` on ``--data``; print (and log) the result."""
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
+    import torch
+
+    from ssd.registry import ModelReferenceError, is_model_uri, resolve_model
+    from ssd.scoring import evaluate_checkpoint, flat_metrics
+    from ssd.tracking import resolve_tracking_uri
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device is available here")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tracking_uri = None
+    if is_model_uri(args.model) or args.log_to_mlflow:
+        tracking_uri = resolve_tracking_uri(args.mlflow_uri)
+        _mlflow_env()
+    with tempfile.TemporaryDirectory(prefix="ssd-evaluate-") as tmp:
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON only
+                resolved = resolve_model(args.model, tracking_uri, dst=tmp)
+        except ModelReferenceError as err:
+            raise SystemExit(f"error: --model {err}") from None
+        log.info("evaluating %s on %s (%s)", resolved.label, args.data, device)
+        try:
+            scored = evaluate_checkpoint(resolved.checkpoint, args.data, device=device, batch_size=args.batch_size)
+        except (FileNotFoundError, ValueError) as err:
+            # The library's messages name the shard set, the checkpoint or the class lists.
+            raise SystemExit(f"error: {err}") from None
+        except (OSError, RuntimeError) as err:  # unreadable shards, a failing device
+            raise SystemExit(f"error: evaluating {args.model} on {args.data} failed: "
+                             f"{type(err).__name__}: {err}") from None
+    result = json_safe({"model": args.model, "name": resolved.name, "version": resolved.version, **scored})
+    if args.log_to_mlflow:
+        try:
+            # MLflow prints "View run ... at: URL" on stdout, which is for the JSON only
+            with contextlib.redirect_stdout(sys.stderr):
+                run_id = log_evaluation(result, flat_metrics(scored), resolved, args.data, tracking_uri,
+                                        args.experiment)
+        except Exception as err:  # noqa: BLE001 - any MLflow failure fails the explicit request
+            _write_output(args.output, json.dumps(result, allow_nan=False))
+            kept = f"; the result is in {args.output}" if args.output is not None else ""
+            raise SystemExit(f"error: logging the evaluation to MLflow at {tracking_uri} failed: "
+                             f"{type(err).__name__}: {err}{kept}") from None
+        result["mlflow_run_id"] = run_id
+    text = json.dumps(result, allow_nan=False)
+    _write_output(args.output, text)
+    print(text, flush=True)
+    return result
+
+
+def log_evaluation(result: dict[str, Any], metrics: dict[str, float], resolved: Any, data: str, tracking_uri: str,
+                   experiment: str) -> str:
+    """Log an evaluation to MLflow; returns the new run's id.
+
+    Args:
+        result: the printed JSON (the run's ``evaluation.json`` artifact).
+        metrics: ``ssd.scoring.flat_metrics`` of the result (the run's metrics).
+        resolved: the evaluated model (``ssd.registry.ResolvedModel``): its ``model_id`` links
+            the metrics to the logged model; a registered ``name``/``version`` gets the
+            ``eval/<data folder name>/...`` tags.
+    Raises:
+        Any MLflow failure (the run, if created, is then marked FAILED).
+    """
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    from ssd.tracking import mlflow_home
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    name = data_name(data)
+    data_hash = result.get("data_hash")
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        location = None
+        if tracking_uri.startswith("sqlite:") or "://" not in tracking_uri:  # as ssd.tracking.Tracker
+            location = (mlflow_home() / "artifacts" / experiment).as_uri()
+        experiment_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        experiment_id = found.experiment_id
+    tags = {"ssd.model": resolved.reference, "ssd.data_name": name}
+    if resolved.name:
+        tags.update({"ssd.model_name": resolved.name, "ssd.model_version": str(resolved.version)})
+    run = client.create_run(experiment_id, run_name=f"evaluate {resolved.label} on {name}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        params = {"model": resolved.reference, "data": data, "data_hash": data_hash or "",
+                  "images": result.get("images")}
+        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        if resolved.model_id:
+            digest = data_hash[:36] if data_hash else None
+            for key, value in metrics.items():
+                client.log_metric(run_id, key, value, step=0, model_id=resolved.model_id,
+                                  dataset_name=name, dataset_digest=digest)
+        else:
+            client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()])
+        with tempfile.TemporaryDirectory(prefix="ssd-evaluate-") as tmp:
+            path = Path(tmp) / "evaluation.json"
+            path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+            client.log_artifact(run_id, str(path))
+        if resolved.name and resolved.version:
+            prefix = f"eval/{name}"
+            version_tags = {f"{prefix}/mAP": f"{float(result['AP']):.6f}",
+                            f"{prefix}/AP50": f"{float(result['AP50']):.6f}"}
+            if result.get("VOC07") is not None:
+                voc_map = result["VOC07"]["mAP"]  # None: no class had ground truth
+                version_tags[f"{prefix}/VOC07_mAP"] = "nan" if voc_map is None else f"{float(voc_map):.6f}"
+            version_tags.update({f"{prefix}/data_hash": data_hash or "", f"{prefix}/run_id": run_id})
+            for key, value in version_tags.items():
+                client.set_model_version_tag(resolved.name, str(resolved.version), key, value)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        try:
+            client.set_terminated(run_id, "FAILED")
+        except Exception:  # noqa: BLE001, S110 - the original error is the one to report
+            pass
+        raise
+    log.info("logged the evaluation as MLflow run %s (experiment %s) at %s", run_id, experiment, tracking_uri)
+    return run_id
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python pipelines/train.py --config ssd300_vgg16 --data shards/voc --workers 8 --gpu optim.lr=2e-3
     python pipelines/train.py --resume NAME            # continue a stopped run where it stopped
     python pipelines/train.py --smoke-test             # 2 tiny epochs on 2 CPU workers
+    python pipelines/train.py --init-from models:/ssd-coco@champion --data shards/voc --freeze-backbone-epochs 2
 
 ``--data DIR`` is a folder with ``train/`` and ``val/`` shard sets (``pipelines/make_shards.py``);
 ``--train``/``--val`` name the two sets separately (folders, dataset.json, ``s3://`` or http).
@@ -17,6 +18,14 @@ to ``--storage-path/NAME`` (a local path, an NFS mount shared by all nodes, or `
 every epoch, the best ``--keep-checkpoints`` by validation mAP kept plus the latest. A worker
 failure restarts the group from the last checkpoint (``--max-failures``); ``--resume NAME``
 continues a stopped run, ``--resume CHECKPOINT_DIR`` starts a new run from a checkpoint.
+
+Finetuning: ``--init-from`` a checkpoint folder or an MLflow model (``models:/NAME@ALIAS``,
+``models:/NAME/VERSION``) starts from its weights: backbone, extras and box head as they are, the
+class head class by class (VOC's ``aeroplane`` from COCO's ``airplane``, ...; ``ssd.transfer``),
+classes without a counterpart fresh. The model and priors sections of the config are the source
+model's (with this data's classes), the others ``--config``'s, or the source's without it;
+overrides apply last. The architecture and the boxes per location must match, checked before any
+worker starts. ``--freeze-backbone-epochs N`` trains only the extras and heads for the first N epochs.
 
 MLflow (rank 0 and this driver only): ``--mlflow-uri`` > ``$MLFLOW_TRACKING_URI`` > a SQLite
 store under ``~/.cache/ssd-ray/mlflow``. Params, metrics, evaluation artifacts, the final model
@@ -61,7 +70,9 @@ class BadRequest(Exception):
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny", help="preset name or YAML path (default: tiny)")
+    p.add_argument("--config", default=None,
+                   help="preset name or YAML path (default: tiny; with --init-from, the model and priors "
+                        "sections are the source model's and this gives the rest, default the source's)")
     data = p.add_argument_group("data")
     data.add_argument("--data", help="folder with train/ and val/ shard sets (default: the synthetic dataset)")
     data.add_argument("--train", help="training shard set (overrides --data)")
@@ -90,7 +101,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     track.add_argument("--experiment", default="ssd-ray", help="MLflow experiment (default ssd-ray)")
     track.add_argument("--no-mlflow", action="store_true", help="do not track")
     track.add_argument("--register-as", metavar="NAME", help="register the best model as a version of NAME")
-    track.add_argument("--parent-model", metavar="NAME/VERSION", help="lineage tag: the model this run started from")
+    track.add_argument("--parent-model", metavar="NAME/VERSION",
+                       help="lineage tag: the model this run started from (default: the --init-from model)")
+    track.add_argument("--parent-run-id", help="nest this run's MLflow run under that run (pipelines use it)")
+    init = p.add_argument_group("finetuning")
+    init.add_argument("--init-from", metavar="MODEL",
+                      help="start from this model's weights: a checkpoint folder, models:/NAME@ALIAS or models:/NAME/VERSION")
+    init.add_argument("--freeze-backbone-epochs", type=int, metavar="N",
+                      help="shorthand for train.freeze_backbone_epochs=N: the backbone is frozen for N epochs")
     p.add_argument("--epochs", type=int, help="shorthand for train.epochs=N")
     p.add_argument("--log-every", type=int, default=20, help="steps between progress lines (default 20)")
     p.add_argument("--summary-json", type=Path, help="also write the run summary as JSON here")
@@ -125,6 +143,8 @@ def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
     resumed: dict[str, Any] = {}
     resume_from = None
     overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+    if args.freeze_backbone_epochs is not None:
+        overrides.append(f"train.freeze_backbone_epochs={args.freeze_backbone_epochs}")
     if args.smoke_test:
         overrides = ["train.epochs=2", "train.batch_size=8", *overrides]
     name = args.name
@@ -164,26 +184,82 @@ def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
         raise BadRequest(f"training and validation shards have different classes: {list(train_set.classes)} "
                          f"vs {list(val_set.classes)}")
 
+    source = None
+    if args.init_from and "config" not in resumed:  # a resumed run has its weights already
+        source = _load_init_source(args)
     try:
-        if "config" in resumed:
-            from ssd.config import apply_overrides, config_from_dict
+        from ssd.config import apply_overrides, config_from_dict
 
+        if "config" in resumed:
             cfg = config_from_dict(apply_overrides(resumed["config"].to_dict(), overrides))
+        elif source is not None:  # the source's model and priors; the rest from --config or the source
+            from ssd.transfer import finetune_config
+
+            base = load_config(args.config) if args.config else None
+            cfg = finetune_config(source["checkpoint"].config, base, overrides, train_set.num_classes)
         else:
-            cfg = load_config(args.config, [f"model.num_classes={train_set.num_classes}", *overrides])
+            cfg = load_config(args.config or "tiny", [f"model.num_classes={train_set.num_classes}", *overrides])
     except ConfigError as err:
         raise BadRequest(f"config: {err}") from None
+    if cfg.train.freeze_backbone_epochs < 0:
+        raise BadRequest(f"train.freeze_backbone_epochs must be >= 0, got {cfg.train.freeze_backbone_epochs}")
     if cfg.model.num_classes != train_set.num_classes:
         raise BadRequest(f"model.num_classes={cfg.model.num_classes}, but the shards have "
                          f"{len(train_set.classes)} classes + background")
     if args.workers < 1:
         raise BadRequest(f"--workers must be at least 1, got {args.workers}")
+    init_state = None
+    if source is not None:
+        from ssd.transfer import IncompatibleModels, initial_state
+
+        checkpoint = source["checkpoint"]
+        try:
+            init_state, report, warnings = initial_state(cfg, list(train_set.classes), checkpoint.model,
+                                                         checkpoint.config, checkpoint.classes)
+        except IncompatibleModels as err:
+            raise BadRequest(f"--init-from {args.init_from}: {err}") from None
+        print(f"initialising from {source['model'].label}: {report.summary()}", flush=True)
+        for warning in warnings:
+            print(f"warning: --init-from {args.init_from}: {warning}", file=sys.stderr, flush=True)
+        source["report"] = report
     if name is None:
-        stem = Path(args.config).stem if not args.config.isidentifier() else args.config
+        config_name = args.config or ("finetune" if source is not None else "tiny")
+        stem = Path(config_name).stem if not config_name.isidentifier() else config_name
         name = f"ssd-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     return {"cfg": cfg, "train_set": train_set, "val_set": val_set, "train_spec": train_spec,
             "val_spec": val_spec, "name": name, "storage": storage, "resume_from": resume_from,
-            "resumed": resumed}
+            "resumed": resumed, "init_state": init_state, "source": source}
+
+
+def _load_init_source(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--init-from`` model, downloaded if it is an MLflow model, and its checkpoint."""
+    from ssd.checkpoint import load_checkpoint
+    from ssd.registry import ModelReferenceError, is_model_uri, resolve_model
+
+    try:
+        model = resolve_model(args.init_from, resolve_tracking_uri(args.mlflow_uri) if is_model_uri(args.init_from)
+                              else None)
+        checkpoint = load_checkpoint(model.checkpoint)
+    except (ModelReferenceError, FileNotFoundError, ValueError) as err:
+        raise BadRequest(f"--init-from: {err}") from None
+    return {"model": model, "checkpoint": checkpoint}
+
+
+def lineage_tags(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, str]:
+    """Tags naming the model a run started from (run and model-version tags alike)."""
+    source = request.get("source")
+    if source is None:
+        return {"parent_model": args.parent_model or "none"}
+    model = source["model"]
+    tags = {"parent_model": args.parent_model or model.label, "init_from": model.reference}
+    if model.name:
+        tags |= {"parent_model_name": model.name, "parent_model_version": model.version,
+                 "parent_run_id": model.tags.get("run_id", ""),
+                 "parent_data_hash": model.tags.get("data_hash", "")}
+    if "report" in source:
+        tags["init_classes_transferred"] = json.dumps(source["report"].mapped, sort_keys=True)
+        tags["init_classes_fresh"] = json.dumps(source["report"].fresh)
+    return tags
 
 
 def _git_commit() -> str | None:
@@ -220,13 +296,13 @@ def start_tracking(args: argparse.Namespace, request: dict[str, Any], scaling: A
         "prior_spec": cfg.priors.name,
         "ray_run_name": request["name"],
         "storage_path": request["storage"],
-        "parent_model": args.parent_model or "none",
+        **lineage_tags(args, request),
     }
     if request["resume_from"]:
         tags["resumed_from_checkpoint"] = request["resume_from"]
     if commit := _git_commit():
         tags["mlflow.source.git.commit"] = commit
-    tracker = Tracker(uri, args.experiment, request["name"], tags=tags)
+    tracker = Tracker(uri, args.experiment, request["name"], tags=tags, parent_run_id=args.parent_run_id)
     tracker.log_params(cfg.flat() | {
         "data.train": request["train_spec"], "data.val": request["val_spec"],
         "data.train_samples": train_set.num_samples, "data.val_samples": val_set.num_samples,
@@ -313,7 +389,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     trainer = build_trainer(request["cfg"], options, scaling, name=request["name"], storage_path=request["storage"],
                             max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints,
-                            resume_from=request["resume_from"])
+                            resume_from=request["resume_from"], init_state=request["init_state"])
     start = time.perf_counter()
     try:
         result = trainer.fit()
@@ -353,13 +429,17 @@ def finish_run(args: argparse.Namespace, request: dict[str, Any], tracker: Track
         from ssd.mlflow_model import log_ssd_model
 
         cfg = request["cfg"]
+        lineage = lineage_tags(args, request)
+        if request.get("source") is None and request["resumed"] and not args.parent_model:
+            # a resumed finetune: its lineage was tagged on the run when it started
+            lineage = {k: v for k, v in tracker.run_tags().items() if k.startswith(("parent_", "init_"))} or lineage
         tags = {
             "data_hash": request["train_set"].info.get("content_hash", ""),
             "val_data_hash": request["val_set"].info.get("content_hash", ""),
             "prior_spec": cfg.priors.name,
             "prior_spec_json": cfg.priors.to_json(),
-            "parent_model": args.parent_model or "none",
-            "mAP": f"{best.metrics.get('mAP', float('nan')):.6f}",
+            **lineage,
+            "mAP": repr(float(best.metrics.get("mAP", float("nan")))),
             "best_epoch": str(best.epoch),
         }
         logged = log_ssd_model(tracker.run_id, tracker.uri, checkpoint, register_as=args.register_as,

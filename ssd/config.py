@@ -82,6 +82,9 @@ class TrainConfig:
     batch_size: int = 32
     seed: int = 0
     eval_every: int = 1
+    #: epochs at the start during which the backbone is frozen (no gradients, BatchNorm
+    #: statistics fixed): a finetune first fits the new head to the pretrained features
+    freeze_backbone_epochs: int = 0
     #: NHWC activations: faster convolutions on GPUs and on this CPU (VGG16-SSD300 1.19x, tiny
     #: 1.29x for a training step, measured with oneDNN in torch 2.14)
     channels_last: bool = True

@@ -103,6 +103,9 @@ class Trainer:
         self.priors = cfg.priors.generate(device=self.device)
         self.criterion = MultiBoxLoss(cfg.loss.neg_ratio, cfg.loss.loc_weight)
         self.iteration = 0
+        #: a part of the model kept in eval mode while training (a frozen backbone's BatchNorm
+        #: statistics stay fixed); None: everything trains
+        self.frozen: nn.Module | None = None
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -119,6 +122,8 @@ class Trainer:
             self.priors, gt_boxes, gt_labels, gt_mask, self.cfg.loss.iou_threshold, self.cfg.loss.variances
         )
         self.model.train()
+        if self.frozen is not None:
+            self.frozen.eval()
         with self._autocast():
             loc, logits = self.model(images)
         losses = self.criterion(loc, logits, labels, box_targets)

@@ -156,6 +156,10 @@ class Tracker:
         items = [RunTag(str(k), str(v)) for k, v in tags.items()]
         self._guard("set tags", lambda: self._client.log_batch(self.run_id, tags=items))
 
+    def run_tags(self) -> dict[str, str]:
+        """The run's tags as stored ({} when tracking is off or fails)."""
+        return self._guard("read the run's tags", lambda: dict(self._client.get_run(self.run_id).data.tags)) or {}
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._guard("log an artifact", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 

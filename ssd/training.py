@@ -19,6 +19,7 @@ would have.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from ssd.engine import Trainer, build_optimizer, build_scheduler, evaluate, netw
 from ssd.evaluate import COCO_STAT_NAMES, CocoEvaluator, VocEvaluator
 from ssd.models import build_model
 from ssd.reporting import write_eval_report
+from ssd.scoring import is_voc
 from ssd.transforms import build_transform
 
 #: the checkpoint score: COCO AP@[.5:.95] on the validation shards
@@ -210,8 +212,40 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def _is_voc(shards: ShardSet) -> bool:
-    return (shards.info.get("source") or {}).get("type") == "voc"
+class _BackboneFreeze:
+    """Keeps ``model.backbone`` frozen for the first ``epochs`` epochs.
+
+    Frozen parameters have ``requires_grad=False``: no gradient is computed (the backward pass
+    stops at the extras), SGD skips them (no weight decay or momentum either), and BatchNorm in
+    the backbone runs in eval mode (``Trainer.frozen``). DDP only synchronises the parameters
+    that require gradients when it is built, so the model is wrapped again when the backbone
+    thaws (:meth:`wrap`).
+    """
+
+    def __init__(self, model: nn.Module, epochs: int, device: torch.device) -> None:
+        self.model, self.epochs, self.device = model, epochs, device
+        self.frozen: bool | None = None
+
+    def set_epoch(self, epoch: int) -> bool:
+        """Freeze or thaw for 0-based ``epoch``; True when that changed a frozen backbone."""
+        frozen = epoch < self.epochs
+        changed = self.frozen is not None and frozen != self.frozen
+        if frozen != self.frozen:
+            for parameter in self.model.backbone.parameters():
+                parameter.requires_grad_(not frozen)
+            self.frozen = frozen
+        return changed
+
+    def frozen_module(self) -> nn.Module | None:
+        return self.model.backbone if self.frozen else None
+
+    def wrap(self) -> nn.Module:
+        """The model to train: DDP-wrapped (anew) when distributed, else the model itself."""
+        if _world()[1] == 1:
+            return self.model
+        # after the memory-format change: DDP's gradient buckets take the parameters' strides
+        return nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
 
 class _Evaluation:
@@ -221,7 +255,7 @@ class _Evaluation:
         rank, world = _world()
         self.cfg, self.val_set, self.device = cfg, val_set, device
         self.classes = list(val_set.classes)
-        self.voc = _is_voc(val_set)
+        self.voc = is_voc(val_set)
         # min_size=0: evaluation keeps every annotated object, however small at the network size
         transform = build_transform(cfg.priors.image_size, 0.0, train=False, min_size=0.0, normalize=False)
         self.loader = ShardLoader(ShardStream(val_set, transform, train=False, rank=rank, world_size=world),
@@ -288,6 +322,7 @@ def run_training(
     report: ReportFn | None = None,
     resume: Checkpoint | None = None,
     tracker: Any | None = None,
+    init_state: dict[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg.train.epochs`` epochs (from ``resume.epoch`` when resuming) on this rank.
 
@@ -299,6 +334,8 @@ def run_training(
             a function that writes the checkpoint into a given directory.
         resume: a loaded checkpoint to continue from.
         tracker: an ``ssd.tracking.Tracker`` (rank 0; None or disabled elsewhere).
+        init_state: initial weights of a fresh run (a finetune's transferred weights,
+            ``ssd.transfer.initial_state``); ignored when resuming, whose checkpoint has its own.
     Returns:
         The last epoch's metrics (rank 0's view; evaluation metrics are NaN on other ranks).
     """
@@ -315,14 +352,20 @@ def run_training(
     epochs = cfg.train.epochs
     if resume is not None and resume.epoch > epochs:
         raise ValueError(f"the checkpoint is at epoch {resume.epoch}, past train.epochs={epochs}")
+    if cfg.train.freeze_backbone_epochs < 0:
+        raise ValueError(f"train.freeze_backbone_epochs must be >= 0, got {cfg.train.freeze_backbone_epochs}")
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     amp_dtype = amp_dtype_for(options.amp, device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = build_model(cfg).to(device=device, memory_format=memory_format)
-    if world > 1:
-        # after the memory-format change: DDP's gradient buckets take the parameters' strides
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = build_model(cfg)
+    if init_state is not None and resume is None:
+        model.load_state_dict(init_state)
+    model = model.to(device=device, memory_format=memory_format)
+    start_epoch = resume.epoch if resume is not None else 0
+    freeze = _BackboneFreeze(model, cfg.train.freeze_backbone_epochs, device)
+    freeze.set_epoch(start_epoch)
+    model = freeze.wrap()
     optimizer = build_optimizer(model, cfg.optim)
     # normalize=False: loaders hand over uint8 batches; the trainer normalises them on the device
     train_tf = build_transform(cfg.priors.image_size, cfg.augment.strength, train=True, mean=cfg.augment.mean,
@@ -336,12 +379,12 @@ def run_training(
                          f"do not fill one batch of {cfg.train.batch_size} per rank")
     scheduler = build_scheduler(optimizer, cfg.optim, epochs * steps_per_epoch)
     trainer = Trainer(model, cfg, optimizer, scheduler, device, amp_dtype)
+    trainer.frozen = freeze.frozen_module()
     evaluation = _Evaluation(cfg, val_set, device, cfg.train.batch_size)
 
-    start_epoch, best = 0, NOT_EVALUATED
+    best = NOT_EVALUATED
     if resume is not None:
         restore(resume, model, optimizer, scheduler)
-        start_epoch = resume.epoch
         trainer.iteration = resume.step
         best = resume.metrics.get("best_mAP", NOT_EVALUATED)
     progress = _Progress(epochs, steps_per_epoch, world, cfg.train.batch_size, enabled=rank == 0)
@@ -358,6 +401,14 @@ def run_training(
     for epoch in range(start_epoch, epochs):
         epoch_number = epoch + 1
         torch.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))
+        if freeze.set_epoch(epoch):  # the backbone thaws: it trains from this epoch on
+            model = trainer.model = freeze.wrap()
+            # The old DDP wrapper's reducer hooks every non-backbone parameter: it must be gone
+            # before the next backward, or those gradients would be reduced twice.
+            gc.collect()
+            trainer.frozen = freeze.frozen_module()
+            if rank == 0:
+                print(f"epoch {epoch_number}: the backbone is unfrozen", flush=True)
         train_loader.set_epoch(epoch)
         epoch_start = time.perf_counter()
         on_step = _StepHook(epoch_number, steps_per_epoch, options.log_every, cfg.train.batch_size * world,

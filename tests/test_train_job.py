@@ -5,7 +5,6 @@ run of the tiny model on synthetic shards, then the MLflow run, artifacts and re
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -24,26 +23,6 @@ EPOCHS = 4
 AP50_FLOOR = 0.01
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def services(tmp_path_factory, free_port):
-    root = tmp_path_factory.mktemp("services")
-    ports = {"RAY_PORT": free_port(), "RAY_DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port()}
-    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "PYTHON": sys.executable,
-           "SSD_LOCAL_STATE": str(root / "state"), "SSD_MLFLOW_HOME": str(root / "mlflow"),
-           "RAY_NUM_CPUS": "2", "RAY_OBJECT_STORE_MB": "256", "RAY_AUTH_MODE": "disabled"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    started = subprocess.run([str(ROOT / "infra" / "local" / "start.sh")], env=env, capture_output=True, text=True,
-                             timeout=240, check=False)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}",
-               "mlflow": f"http://127.0.0.1:{ports['MLFLOW_PORT']}", "root": root}
-    finally:
-        subprocess.run([str(ROOT / "infra" / "local" / "stop.sh")], env=env, capture_output=True, timeout=120,
-                       check=False)
 
 
 @pytest.mark.timeout(600)

@@ -46,6 +46,26 @@ def test_unknown_config_key_fails_before_ray_starts(shards, tmp_path):
     assert time.perf_counter() - start < 60
 
 
+def test_an_incompatible_init_model_fails_before_ray_starts(shards, tmp_path):
+    import torch
+
+    from ssd.checkpoint import save_checkpoint
+    from ssd.config import load_config
+    from ssd.models import build_model
+
+    source_cfg = load_config("tiny", ["model.num_classes=3"])
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "source", model=build_model(source_cfg), epoch=1, step=1, config=source_cfg,
+                    classes=["circle", "dog"])
+    out = _train(["--data", str(shards), "--init-from", str(tmp_path / "source"), "--no-mlflow",
+                  "priors.extra_box=false"], tmp_path)
+    assert out.returncode != 0
+    assert "--init-from" in out.stderr and "boxes per location (4, 6, 6, 4, 4)" in out.stderr, out.stderr
+    assert "Started a local Ray instance" not in out.stdout + out.stderr
+    out = _train(["--data", str(shards), "--init-from", str(tmp_path / "nowhere"), "--no-mlflow"], tmp_path)
+    assert out.returncode != 0 and "not a checkpoint folder" in out.stderr, out.stderr
+
+
 def test_missing_data_fails_naming_the_path(tmp_path):
     missing = tmp_path / "nowhere"
     out = _train(["--data", str(missing)], tmp_path)

@@ -312,12 +312,14 @@ def make_synthetic_shards(
     seed: int = 0,
     layout: str = "coco",
     workers: int | None = None,
+    class_names: Sequence[str] | None = None,
     **convert_options: Any,
 ) -> dict[str, ConversionReport]:
     """Write the synthetic dataset in the real COCO (or VOC) layout under ``out_dir/source``, then
     convert each split with the real reader into ``out_dir/<split>`` shards.
 
     ``convert_options`` go to :func:`convert` (``shard_size``, ``strict``, ``overwrite``, ...).
+    ``class_names`` renames the six classes (``write_coco`` / ``write_voc``).
 
     Going through the standard layout on purpose: the demo and the tests then exercise the same
     readers and converter as real data.
@@ -330,11 +332,11 @@ def make_synthetic_shards(
     out_dir = Path(out_dir)
     convert_options.setdefault("shard_size", 256)  # a handful of shards even for a small set
     if layout == "coco":
-        root = write_coco(out_dir / "source" / "coco", splits, seed=seed, workers=workers)
+        root = write_coco(out_dir / "source" / "coco", splits, seed=seed, workers=workers, class_names=class_names)
         readers = {s: CocoReader(root / s, root / "annotations" / f"instances_{s}.json") for s in splits}
     elif layout == "voc":
-        devkit = write_voc(out_dir / "source" / "voc", splits, seed=seed, workers=workers)
-        readers = {s: VocReader(devkit, f"synthetic:{s}", classes=CLASSES) for s in splits}
+        devkit = write_voc(out_dir / "source" / "voc", splits, seed=seed, workers=workers, class_names=class_names)
+        readers = {s: VocReader(devkit, f"synthetic:{s}", classes=tuple(class_names or CLASSES)) for s in splits}
     else:
         raise ValueError(f"layout must be 'coco' or 'voc', got {layout!r}")
     return {

@@ -179,7 +179,18 @@ def _text(parent: ET.Element, tag: str, text: object) -> ET.Element:
     return element
 
 
-def _voc_xml(record: _Record, seed: int) -> str:
+def _names(class_names: Sequence[str] | None) -> tuple[str, ...]:
+    """The written class names: ``class_names`` (one per class of CLASSES, in order) or CLASSES."""
+    if class_names is None:
+        return CLASSES
+    names = tuple(class_names)
+    if len(names) != len(CLASSES) or len(set(names)) != len(names) or not all(n.strip() for n in names):
+        raise ValueError(f"class_names must be {len(CLASSES)} distinct non-empty names (one per class of "
+                         f"{CLASSES}), got {list(names)}")
+    return names
+
+
+def _voc_xml(record: _Record, seed: int, names: Sequence[str] = CLASSES) -> str:
     """The genuine VOC annotation of one image (as VOC2007/2012 ``Annotations/*.xml``)."""
     image_id = voc_id(record.split, record.index)
     root = ET.Element("annotation")
@@ -200,7 +211,7 @@ def _voc_xml(record: _Record, seed: int) -> str:
     _text(root, "segmented", 0)
     for (x1, y1, x2, y2), label, truncated in zip(record.boxes, record.labels, record.truncated):
         obj = ET.SubElement(root, "object")
-        _text(obj, "name", CLASSES[label - 1])
+        _text(obj, "name", names[label - 1])
         _text(obj, "pose", "Unspecified")
         _text(obj, "truncated", int(truncated))
         _text(obj, "difficult", 0)
@@ -219,6 +230,7 @@ def write_voc(
     seed: int = 0,
     workers: int | None = None,
     quality: int = 95,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Write the synthetic dataset as ``root/VOCdevkit/VOCsynthetic`` in the PASCAL VOC layout.
 
@@ -229,11 +241,14 @@ def write_voc(
         seed: dataset seed; split ``s`` renders ``render_sample(i, seed + SPLIT_SEED_OFFSETS[s])``.
         workers: rendering processes; None = the usable CPU cores, 0 or 1 = in this process.
         quality: JPEG quality (Pillow's scale; baseline, 4:2:0, no EXIF).
+        class_names: the names written for the classes of ``CLASSES`` (in that order), e.g.
+            VOC names for a transfer test; default ``CLASSES``.
 
     Returns:
         The ``VOCdevkit`` folder: read it with year ``"synthetic"`` and the names in classes.txt.
     """
     _check_args(splits, quality, workers)
+    names = _names(class_names)
     devkit = Path(root) / "VOCdevkit"
     base = devkit / VOC_DATASET
     for folder in ("JPEGImages", "Annotations", "ImageSets/Main"):
@@ -242,7 +257,7 @@ def write_voc(
     records = _render_all(splits, seed, workers, quality, path_of)
     for split_records in records.values():
         for record in split_records:
-            xml = _voc_xml(record, seed)
+            xml = _voc_xml(record, seed, names)
             (base / "Annotations" / f"{voc_id(record.split, record.index)}.xml").write_text(
                 xml, encoding="utf-8"
             )
@@ -255,7 +270,7 @@ def write_voc(
         (base / "ImageSets" / "Main" / f"{name}.txt").write_text(
             "".join(f"{i}\n" for i in ids), encoding="utf-8"
         )
-    (base / "classes.txt").write_text("".join(f"{name}\n" for name in CLASSES), encoding="utf-8")
+    (base / "classes.txt").write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
     return devkit
 
 
@@ -267,7 +282,7 @@ def _coco_jpeg_path(root: Path, split: str, index: int) -> Path:
     return root / split / f"{index:012d}.jpg"
 
 
-def _coco_instances(split: str, records: Sequence[_Record], seed: int) -> dict:
+def _coco_instances(split: str, records: Sequence[_Record], seed: int, names: Sequence[str] = CLASSES) -> dict:
     """The genuine COCO ``instances_*.json`` content of one split."""
     images, annotations = [], []
     for record in records:
@@ -310,7 +325,7 @@ def _coco_instances(split: str, records: Sequence[_Record], seed: int) -> dict:
         "annotations": annotations,
         "categories": [
             {"id": cat_id, "name": name, "supercategory": "shape"}
-            for cat_id, name in zip(COCO_CATEGORY_IDS, CLASSES)
+            for cat_id, name in zip(COCO_CATEGORY_IDS, names)
         ],
     }
 
@@ -321,6 +336,7 @@ def write_coco(
     seed: int = 0,
     workers: int | None = None,
     quality: int = 95,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Write the synthetic dataset under ``root`` in the MS-COCO layout.
 
@@ -331,6 +347,7 @@ def write_coco(
     Arguments as :func:`write_voc`. Returns ``root``.
     """
     _check_args(splits, quality, workers)
+    names = _names(class_names)
     root = Path(root)
     for split in splits:
         (root / split).mkdir(parents=True, exist_ok=True)
@@ -338,7 +355,7 @@ def write_coco(
     records = _render_all(splits, seed, workers, quality, partial(_coco_jpeg_path, root))
     for split, split_records in records.items():
         content = json.dumps(
-            _coco_instances(split, split_records, seed), sort_keys=True, separators=(",", ":")
+            _coco_instances(split, split_records, seed, names), sort_keys=True, separators=(",", ":")
         )
         (root / "annotations" / f"instances_{split}.json").write_text(
             content + "\n", encoding="utf-8"

@@ -119,7 +119,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if rank == 0 and loop_config.get("placement_group_file"):
         _write_placement_group(Path(loop_config["placement_group_file"]))
-    run_training(cfg, options, device=device, report=report, resume=resume, tracker=tracker)
+    init_state = None
+    if resume is None and loop_config.get("init_state") is not None:
+        init_state = ray.get(loop_config["init_state"])  # the driver's transferred weights
+    run_training(cfg, options, device=device, report=report, resume=resume, tracker=tracker, init_state=init_state)
 
 
 def _write_placement_group(path: Path) -> None:
@@ -160,6 +163,7 @@ def build_trainer(
     resume_from: str | None = None,
     callbacks: list[Any] | None = None,
     placement_group_file: str | None = None,
+    init_state: dict[str, Any] | None = None,
 ) -> TorchTrainer:
     """A ``TorchTrainer`` for one training run.
 
@@ -172,10 +176,14 @@ def build_trainer(
         callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
         placement_group_file: rank 0 writes the run's placement-group id there (see
             ``release_placement_group``).
+        init_state: initial weights of a fresh run (``ssd.transfer.initial_state``); they go
+            through the object store, so workers on any node get them. A run resumed from a
+            checkpoint (after a failure, or ``resume_from``) starts from that instead.
     """
     loop_config = {"config": cfg.to_dict(), "options": asdict(options),
                    "threads": max(1, math.floor(scaling.cpus_per_worker)),
-                   "placement_group_file": placement_group_file}
+                   "placement_group_file": placement_group_file,
+                   "init_state": ray.put(init_state) if init_state is not None else None}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

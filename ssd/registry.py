@@ -1,0 +1,213 @@
+"""The MLflow model registry as a hand-off between runs: resolve model references, download the
+checkpoint a registered model carries, and move the ``champion`` alias only to a better model.
+
+A *model reference* is what the pipelines' ``--model`` / ``--init-from`` flags take:
+
+* a ``save_checkpoint`` directory (``meta.json`` inside), used in place;
+* ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``: a registered version of a model logged by
+  :func:`ssd.mlflow_model.log_ssd_model`, whose pyfunc carries the checkpoint as its
+  ``checkpoint`` artifact (config, classes, prior spec and weights);
+* ``runs:/RUN_ID/model`` or ``models:/m-...`` (a logged model id): the same, not registered.
+
+Like ``ssd.mlflow_model`` this imports MLflow; the training library proper does not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+#: the alias that names the best version of a registered model
+CHAMPION = "champion"
+#: version tags this module sets
+SCORE_TAG = "mAP"
+COMPARISON_TAG = "champion_comparison"
+
+_REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+?)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?$")
+
+
+class ModelReferenceError(ValueError):
+    """A model reference that does not name a usable checkpoint; the message says which."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference made local.
+
+    Attributes:
+        checkpoint: a local ``save_checkpoint`` directory (config, classes, weights).
+        reference: the reference as given.
+        name, version: the registered model and version number when the reference named one.
+        tags: that version's tags (data hashes, prior spec, mAP, ...); empty otherwise.
+        model_id: the MLflow logged-model id, when known (metrics can be attached to it).
+    """
+
+    checkpoint: Path
+    reference: str
+    name: str | None = None
+    version: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    model_id: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``NAME/VERSION`` for lineage tags, else the reference."""
+        return f"{self.name}/{self.version}" if self.name else self.reference
+
+
+def is_model_uri(reference: str) -> bool:
+    return reference.startswith(("models:/", "runs:/"))
+
+
+def parse_registered(reference: str) -> tuple[str, str | None, str | None] | None:
+    """``models:/NAME/VERSION`` -> (NAME, VERSION, None); ``models:/NAME@ALIAS`` ->
+    (NAME, None, ALIAS); anything else (a logged model id, a path) -> None."""
+    match = _REGISTERED.match(reference)
+    if match is None:
+        return None
+    return match["name"], match["version"], match["alias"]
+
+
+def model_version(client: mlflow.MlflowClient, reference: str) -> Any | None:
+    """The ``ModelVersion`` a ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` reference names
+    (None for other references). Raises ModelReferenceError when it does not exist."""
+    parsed = parse_registered(reference)
+    if parsed is None:
+        return None
+    name, version, alias = parsed
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ModelReferenceError(f"{reference}: no such registered model version at "
+                                      f"{client.tracking_uri} ({err.message})") from None
+        raise ModelReferenceError(f"{reference}: cannot look it up at {client.tracking_uri}: {err.message}") from None
+    except Exception as err:  # noqa: BLE001 - an unreachable server raises requests' errors
+        raise ModelReferenceError(f"{reference}: cannot reach the registry at {client.tracking_uri}: {err}") from None
+
+
+def resolve_model(reference: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> ResolvedModel:
+    """A checkpoint directory or an MLflow model reference -> :class:`ResolvedModel`.
+
+    A registered or logged model is downloaded (its pyfunc's ``checkpoint`` artifact only) into
+    ``dst`` (default: a new temporary folder, left for the caller or the OS to clean).
+
+    Raises:
+        ModelReferenceError: a path that is not a checkpoint, an unknown model or version, or a
+            model that carries no SSD checkpoint.
+    """
+    if not is_model_uri(reference):
+        path = Path(reference).expanduser()
+        if not (path / "meta.json").is_file():
+            raise ModelReferenceError(
+                f"{reference}: not a checkpoint folder (no meta.json) and not an MLflow model URI "
+                "(models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model)")
+        return ResolvedModel(checkpoint=path.resolve(), reference=reference)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    version = model_version(client, reference)
+    source = version.source if version is not None else reference.rstrip("/")
+    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="ssd-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    model_id = None
+    try:
+        if source.startswith("models:/m-"):
+            # An MLflow 3 logged model (what a version's source is): download from its own
+            # artifact location; download_artifacts would read "m-..." as a registered name.
+            model_id = source[len("models:/"):].split("/")[0]
+            location = client.get_logged_model(model_id).artifact_location
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location.rstrip('/')}/artifacts/checkpoint",
+                                                        dst_path=str(dst), tracking_uri=tracking_uri)
+        else:  # runs:/RUN_ID/model, or a version logged by MLflow 2 (a run artifact source)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/artifacts/checkpoint",
+                                                        dst_path=str(dst), tracking_uri=tracking_uri)
+    except Exception as err:  # noqa: BLE001 - MLflow raises several types for a missing path
+        raise ModelReferenceError(f"{reference}: cannot download its SSD checkpoint from {source}: {err}") from None
+    checkpoint = Path(local)
+    if not (checkpoint / "meta.json").is_file():
+        raise ModelReferenceError(f"{reference}: the model has no SSD checkpoint (artifacts/checkpoint/meta.json); "
+                                  "log SSD models with ssd.mlflow_model.log_ssd_model")
+    if version is None:
+        return ResolvedModel(checkpoint=checkpoint, reference=reference, model_id=model_id)
+    return ResolvedModel(checkpoint=checkpoint, reference=reference, name=version.name,
+                         version=str(version.version), tags=dict(version.tags or {}),
+                         model_id=getattr(version, "model_id", None) or model_id)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The outcome of :func:`promote_if_better`, also written to the version's tags."""
+
+    name: str
+    version: str
+    score: float
+    champion_version: str | None
+    champion_score: float | None
+    promoted: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "score": self.score,
+                "champion_version": self.champion_version, "champion_score": self.champion_score,
+                "promoted": self.promoted, "reason": self.reason}
+
+
+def current_champion(client: mlflow.MlflowClient, name: str, alias: str = CHAMPION) -> Any | None:
+    """The version ``name@alias`` points at, or None (no alias yet)."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def promote_if_better(
+    client: mlflow.MlflowClient,
+    name: str,
+    version: str,
+    score: float,
+    champion_score: float | None,
+    *,
+    alias: str = CHAMPION,
+    metric: str = SCORE_TAG,
+    champion: Any | None = None,
+) -> Promotion:
+    """Point ``name@alias`` at ``version`` if its ``score`` beats the current champion's.
+
+    The scores must come from the same validation set (the caller makes sure: it re-evaluates
+    the champion when its recorded score is on other data). Ties keep the current champion. With
+    no champion yet the version is promoted. The comparison is recorded on the candidate version
+    (tag ``champion_comparison``, JSON) whether or not it is promoted.
+
+    Args:
+        champion: the current champion version (``current_champion``); looked up when None.
+        champion_score: the champion's score on the candidate's validation set (ignored
+            without a champion).
+    """
+    champion = champion if champion is not None else current_champion(client, name, alias)
+    if champion is not None and str(champion.version) == str(version):
+        champion = None  # re-promoting itself: nothing to compare against
+    if champion is None:
+        promoted, reason = True, f"no {alias} yet"
+        champion_version, champion_score = None, None
+    else:
+        champion_version = str(champion.version)
+        if champion_score is None:
+            raise ValueError(f"{name}@{alias} is version {champion_version}: its score is needed to compare")
+        promoted = score > champion_score
+        relation = ">" if promoted else "<=" if score <= champion_score else "?"
+        reason = (f"{metric} {score:.4g} {relation} {alias} v{champion_version}'s {champion_score:.4g} on the same "
+                  "validation set")
+    result = Promotion(name=name, version=str(version), score=float(score), champion_version=champion_version,
+                       champion_score=None if champion_score is None else float(champion_score),
+                       promoted=promoted, reason=reason)
+    client.set_model_version_tag(name, str(version), COMPARISON_TAG, json.dumps(result.to_dict(), sort_keys=True))
+    if promoted:
+        client.set_registered_model_alias(name, alias, str(version))
+    return result
