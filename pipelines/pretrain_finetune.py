@@ -50,7 +50,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import train  # pipelines/train.py, importable after the path set-up
 
 from ssd.config import ConfigError, load_config
-from ssd.data.shards import ShardSet
+from ssd.data.shards import ShardSet, join_spec
 from ssd.tracking import Tracker, resolve_tracking_uri
 from ssd.transfer import IncompatibleModels, check_compatible, finetune_config
 
@@ -89,6 +89,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--gpu", dest="use_gpu", action="store_true", default=None)
     gpu.add_argument("--cpu", dest="use_gpu", action="store_false")
     ray_group.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ray_group.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
+    ray_group.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"])
+    ray_group.add_argument("--max-failures", type=int, default=2)
+    ray_group.add_argument("--keep-checkpoints", type=int, default=3)
     ray_group.add_argument("--address", default=None)
     ray_group.add_argument("--storage-path", default=None)
     ray_group.add_argument("--name", help="pipeline run name (default pretrain-finetune-<time>)")
@@ -100,7 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _shards(folder: str, flag: str) -> dict[str, ShardSet]:
     try:
-        return {split: ShardSet.open(Path(folder) / split) for split in ("train", "val")}
+        return {split: ShardSet.open(join_spec(folder, split)) for split in ("train", "val")}
     except (FileNotFoundError, ValueError) as err:
         raise PipelineError(f"{flag} {folder}: {err}") from None
 
@@ -137,7 +141,8 @@ def stage_configs(args: argparse.Namespace, coco: dict[str, ShardSet] | None, vo
 def _common_train_args(args: argparse.Namespace, uri: str, parent_run_id: str) -> list[str]:
     argv = ["--workers", str(args.workers), "--cpus-per-worker", str(args.cpus_per_worker),
             "--mlflow-uri", uri, "--experiment", args.experiment, "--parent-run-id", parent_run_id,
-            "--log-every", str(args.log_every)]
+            "--log-every", str(args.log_every), "--loader-workers", str(args.loader_workers), "--amp", args.amp,
+            "--max-failures", str(args.max_failures), "--keep-checkpoints", str(args.keep_checkpoints)]
     if args.use_gpu is not None:
         argv.append("--gpu" if args.use_gpu else "--cpu")
     if args.address:
@@ -267,7 +272,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                                                              if args.pretrain_epochs else []), *args.pretrain]
             result = run_stage(argv, "stage 1: pretrain")
             val = coco["val"]
-            result["promotion"] = promote(client, args.coco_name, result, str(Path(args.coco_data) / "val"),
+            result["promotion"] = promote(client, args.coco_name, result, join_spec(args.coco_data, "val"),
                                           val.info.get("content_hash", ""), args, parent, "pretrain")
             summary["pretrain"] = result
         if not args.pretrain_only:
@@ -279,7 +284,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                     *args.finetune]
             result = run_stage(argv, f"stage 2: finetune from {source_ref}")
             val = voc["val"]
-            result["promotion"] = promote(client, args.voc_name, result, str(Path(args.voc_data) / "val"),
+            result["promotion"] = promote(client, args.voc_name, result, join_spec(args.voc_data, "val"),
                                           val.info.get("content_hash", ""), args, parent, "finetune")
             result["init_from"] = source_ref
             summary["finetune"] = result

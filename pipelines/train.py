@@ -58,7 +58,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from ssd.config import Config, ConfigError, load_config
 from ssd.data.convert import default_data_home, ensure_synthetic_shards
-from ssd.data.shards import DATASET_JSON, ShardSet
+from ssd.data.shards import DATASET_JSON, ShardSet, join_spec
 from ssd.tracking import Tracker, resolve_tracking_uri
 
 EXIT_BAD_REQUEST = 2
@@ -168,8 +168,8 @@ def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
 
     train_spec, val_spec = args.train, args.val
     if args.data:
-        train_spec = train_spec or str(Path(args.data) / "train")
-        val_spec = val_spec or str(Path(args.data) / "val")
+        train_spec = train_spec or join_spec(args.data, "train")  # a folder or an s3:// / http prefix
+        val_spec = val_spec or join_spec(args.data, "val")
     train_spec, val_spec = train_spec or resumed.get("train_data"), val_spec or resumed.get("val_data")
     if not train_spec or not val_spec:
         if (args.train or args.val) and not args.data:

@@ -44,6 +44,7 @@ from train import BadRequest, _local, _open, default_storage_path, init_ray
 
 from ssd.config import ConfigError, load_config
 from ssd.data.convert import default_data_home, ensure_synthetic_shards
+from ssd.data.shards import join_spec
 from ssd.search_space import SearchSpace, SpaceError, trial_config
 from ssd.tracking import Tracker, resolve_tracking_uri
 
@@ -66,6 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="DataLoader processes per training worker (default 0; a few per GPU worker)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"], help="as pipelines/train.py")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds)")
     p.add_argument("--address", default=None, help="Ray address (as pipelines/train.py)")
     p.add_argument("--name", help="sweep name (default: sweep-<space>-<time>)")
@@ -97,7 +101,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.smoke_test:
         overrides = ["train.epochs=2", "train.batch_size=8", "optim.warmup_iters=5", *overrides]
     if args.data:
-        train_spec, val_spec = str(Path(args.data) / "train"), str(Path(args.data) / "val")
+        train_spec, val_spec = join_spec(args.data, "train"), join_spec(args.data, "val")
     else:
         home = default_data_home() / ("synthetic-smoke" if args.smoke_test else "synthetic")
         counts = (64, 32) if args.smoke_test else (1536, 256)
@@ -193,7 +197,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     gt = prescreen_boxes(request["train_spec"], saved_args.prescreen_images) if saved_args.min_prior_recall else None
     options = RunOptions(train_data=request["train_spec"], val_data=request["val_spec"], log_every=10**6,
-                         sample_images=4)
+                         sample_images=4, loader_workers=saved_args.loader_workers,
+                         amp=saved_args.amp)
     setup = SweepSetup(base_config=request["base"], options=asdict(options), scaling=scaling,
                        storage_path=request["storage"], sweep_name=request["name"],
                        tracking_uri=tracker.uri if parent_id else None, experiment=saved_args.experiment,

@@ -75,3 +75,24 @@ def services(tmp_path_factory, free_port):
     finally:
         subprocess.run([str(ROOT / "infra" / "local" / "stop.sh")], env=env, capture_output=True, timeout=120,
                        check=False)
+
+
+#: the class names of :func:`tiny_checkpoint`
+TINY_CLASSES = [f"class{i}" for i in range(1, 7)]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """An untrained tiny SSD (seed 0) saved as a checkpoint, classes ``class1..class6``."""
+    import torch
+
+    from ssd.checkpoint import save_checkpoint
+    from ssd.config import load_config
+    from ssd.models import build_model
+
+    cfg = load_config("tiny", ["model.num_classes=7"])
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "ckpt"
+    save_checkpoint(path, model=build_model(cfg), epoch=1, step=10, config=cfg, classes=TINY_CLASSES)
+    return path
+

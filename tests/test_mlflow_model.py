@@ -14,8 +14,6 @@ import pytest
 import torch
 from torchvision.io import encode_png
 
-from ssd.checkpoint import save_checkpoint
-from ssd.config import load_config
 from ssd.mlflow_model import (
     SSDPyfuncModel,
     detections_frame,
@@ -23,19 +21,14 @@ from ssd.mlflow_model import (
     log_ssd_model,
     pinned_requirements,
 )
-from ssd.models import build_model
 from ssd.serving import COLUMNS, Detector
 
 CLASSES = [f"class{i}" for i in range(1, 7)]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    cfg = load_config("tiny", ["model.num_classes=7"])
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "ckpt"
-    save_checkpoint(path, model=build_model(cfg), epoch=1, step=10, config=cfg, classes=CLASSES)
-    return path
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -315,3 +315,11 @@ def test_packed_batches_unpack_to_the_same_targets():
         assert got.keys() == want.keys()
         for key in want:
             assert torch.equal(got[key], want[key]), key
+
+
+def test_join_spec_keeps_url_prefixes_intact(tmp_path):
+    from ssd.data.shards import join_spec
+
+    assert join_spec("s3://bucket/shards/voc", "train") == "s3://bucket/shards/voc/train"
+    assert join_spec("https://host/voc/", "val") == "https://host/voc/val"
+    assert join_spec(tmp_path, "train") == str(tmp_path / "train")

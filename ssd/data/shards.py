@@ -240,6 +240,12 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
+def join_spec(base: str | os.PathLike, name: str) -> str:
+    """``base/name`` for a folder or a URL: ``join_spec("s3://b/voc", "train")`` is
+    ``"s3://b/voc/train"`` (``Path`` would collapse the ``//``)."""
+    return _join(os.fspath(base), name)
+
+
 def _join(base: str, name: str) -> str:
     if "://" in name or name.startswith(("/", "pipe:")):
         return name
