@@ -162,6 +162,10 @@ def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
             checkpoint_dir = latest_checkpoint(Path(storage) / name) if "://" not in storage else None
             if checkpoint_dir is None and "://" not in storage:
                 raise BadRequest(f"--resume {args.resume}: no checkpoint under {Path(storage) / name}")
+            if "://" in storage and not (args.data or (args.train and args.val)):
+                # the run's saved config and data cannot be read from object storage here
+                raise BadRequest(f"--resume {args.resume} with --storage-path {storage}: give the run's data "
+                                 "(--data, or --train and --val), --config and overrides again, as it started")
         if checkpoint_dir is not None:
             checkpoint = load_checkpoint(checkpoint_dir)
             resumed = {"config": checkpoint.config, "epoch": checkpoint.epoch, **checkpoint.extra}

@@ -88,6 +88,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Space, base config and data, all checked before Ray starts; raises BadRequest."""
     storage = _local(args.storage_path or default_storage_path())
+    if "://" in storage:
+        # The sweep keeps its setup, best config and trial placement-group files with plain file
+        # I/O (resume, and freeing the resources of trials ASHA stops, depend on them).
+        raise BadRequest(f"--storage-path {storage}: a sweep needs a folder every Ray node mounts (a local path "
+                         "or an NFS / RWX volume); s3:// is not supported for sweeps yet (trials' data may be "
+                         "on s3://, and pipelines/train.py takes an s3:// --storage-path)")
     if args.resume:
         saved = Path(storage) / args.resume / SETUP_FILE
         if not saved.is_file():
