@@ -196,9 +196,9 @@ def promote(client: Any, name: str, summary: dict[str, Any], val_spec: str, val_
     previous, how = None, None
     if champion is not None and str(champion.version) != version:
         previous, how = champion_score(client, champion, val_spec, val_hash, args.eval_device)
-    result = promote_if_better(client, name, version, score, previous, alias=args.alias, champion=champion)
-    record = result.to_dict() | {"champion_score_source": how}
-    client.set_model_version_tag(name, version, "champion_comparison", json.dumps(record, sort_keys=True))
+    result = promote_if_better(client, name, version, score, previous, alias=args.alias, champion=champion,
+                               champion_score_source=how)
+    record = result.to_dict()
     parent.set_tags({f"{prefix}.model": f"{name}/{version}", f"{prefix}.promoted": result.promoted,
                      f"{prefix}.champion_comparison": json.dumps(record, sort_keys=True)})
     parent.log_metrics({f"{prefix}/mAP": score} | ({f"{prefix}/champion_mAP": previous}

@@ -152,10 +152,13 @@ class Promotion:
     champion_score: float | None
     promoted: bool
     reason: str
+    #: where ``champion_score`` came from (e.g. recorded, or evaluated now), when the caller says
+    champion_score_source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "score": self.score,
                 "champion_version": self.champion_version, "champion_score": self.champion_score,
+                "champion_score_source": self.champion_score_source,
                 "promoted": self.promoted, "reason": self.reason}
 
 
@@ -177,6 +180,7 @@ def promote_if_better(
     alias: str = CHAMPION,
     metric: str = SCORE_TAG,
     champion: Any | None = None,
+    champion_score_source: str | None = None,
 ) -> Promotion:
     """Point ``name@alias`` at ``version`` if its ``score`` beats the current champion's.
 
@@ -189,6 +193,7 @@ def promote_if_better(
         champion: the current champion version (``current_champion``); looked up when None.
         champion_score: the champion's score on the candidate's validation set (ignored
             without a champion).
+        champion_score_source: how that score was obtained, recorded with the comparison.
     """
     champion = champion if champion is not None else current_champion(client, name, alias)
     if champion is not None and str(champion.version) == str(version):
@@ -206,7 +211,8 @@ def promote_if_better(
                   "validation set")
     result = Promotion(name=name, version=str(version), score=float(score), champion_version=champion_version,
                        champion_score=None if champion_score is None else float(champion_score),
-                       promoted=promoted, reason=reason)
+                       promoted=promoted, reason=reason,
+                       champion_score_source=champion_score_source if champion_version else None)
     client.set_model_version_tag(name, str(version), COMPARISON_TAG, json.dumps(result.to_dict(), sort_keys=True))
     if promoted:
         client.set_registered_model_alias(name, alias, str(version))

@@ -127,12 +127,12 @@ def evaluate_checkpoint(
                      "images": shard_set.num_samples}
 
 
-def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """Flat numbers of an :func:`evaluate_model` result for metric stores, as training logs them.
+def flat_metrics(result: dict[str, Any], finite_only: bool = True) -> dict[str, float]:
+    """Flat numbers of an :func:`evaluate_model` result for metric stores (training reports these).
 
     The 12 COCO numbers, ``mAP`` (= ``AP``), ``AP/<class>`` and, for VOC sets, ``VOC07_mAP``
-    and ``VOC07_AP/<class>``. Non-finite values (VOC AP of a class without ground truth) are
-    left out; COCO's -1 (no ground truth) is kept, as training keeps it.
+    and ``VOC07_AP/<class>``. With ``finite_only``, non-finite values (VOC AP of a class without
+    ground truth) are left out; COCO's -1 (no ground truth) is kept either way.
     """
     out = {name: float(result[name]) for name in COCO_STAT_NAMES}
     out["mAP"] = out["AP"]
@@ -141,4 +141,4 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     if voc is not None:
         out["VOC07_mAP"] = float(voc["mAP"])
         out.update({f"VOC07_AP/{name}": float(v) for name, v in voc["per_class_AP"].items()})
-    return {k: v for k, v in out.items() if math.isfinite(v)}
+    return {k: v for k, v in out.items() if math.isfinite(v)} if finite_only else out

@@ -37,10 +37,10 @@ from ssd.checkpoint import Checkpoint, restore, save_checkpoint, unwrap
 from ssd.config import Config
 from ssd.data.shards import ShardLoader, ShardSet, ShardStream
 from ssd.engine import Trainer, build_optimizer, build_scheduler, evaluate, network_input, predict
-from ssd.evaluate import COCO_STAT_NAMES, CocoEvaluator, VocEvaluator
+from ssd.evaluate import CocoEvaluator, VocEvaluator
 from ssd.models import build_model
 from ssd.reporting import write_eval_report
-from ssd.scoring import is_voc
+from ssd.scoring import flat_metrics, is_voc
 from ssd.transforms import build_transform
 
 #: the checkpoint score: COCO AP@[.5:.95] on the validation shards
@@ -288,17 +288,6 @@ class _Evaluation:
         return images, detections, truth
 
 
-def _eval_metrics(coco: dict[str, Any], voc: dict[str, Any] | None) -> dict[str, float]:
-    """Flat numbers for reporting: the COCO suite, per-class AP, and VOC07 mAP where given."""
-    out = {name: float(coco[name]) for name in COCO_STAT_NAMES}
-    out[SCORE] = out["AP"]
-    out.update({f"AP/{name}": float(v) for name, v in coco["per_class_AP"].items()})
-    if voc is not None:
-        out["VOC07_mAP"] = float(voc["mAP"])
-        out.update({f"VOC07_AP/{name}": float(v) for name, v in voc["per_class_AP"].items()})
-    return out
-
-
 def _log_eval_artifacts(tracker: Any, epoch: int, coco: dict, voc: dict | None, classes: list[str],
                         sample: tuple | None) -> None:
     """Per-class AP table, PR curves and a detection grid into the run's ``eval/epoch-NNN``."""
@@ -425,7 +414,7 @@ def run_training(
             eval_start = time.perf_counter()
             coco, voc = evaluation.run(unwrap(model))
             if rank == 0:
-                metrics.update(_eval_metrics(coco, voc))
+                metrics.update(flat_metrics(coco | ({"VOC07": voc} if voc is not None else {}), finite_only=False))
                 sample = evaluation.sample(unwrap(model), options.sample_images)
                 _log_eval_artifacts(tracker, epoch_number, coco, voc, evaluation.classes, sample)
             progress.eval_seconds += time.perf_counter() - eval_start

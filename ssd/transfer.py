@@ -16,6 +16,7 @@ Pure PyTorch, no MLflow: the caller brings the source checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -237,8 +238,6 @@ def initial_state(
 
     Returns (state dict, report, compatibility warnings). Raises IncompatibleModels.
     """
-    import dataclasses
-
     from ssd.models import build_model
 
     warnings = check_compatible(source_cfg, cfg)
