@@ -17,7 +17,8 @@ to a running local cluster or starts one (``--address local`` always starts one)
 to ``--storage-path/NAME`` (a local path, an NFS mount shared by all nodes, or ``s3://``): one
 every epoch, the best ``--keep-checkpoints`` by validation mAP kept plus the latest. A worker
 failure restarts the group from the last checkpoint (``--max-failures``); ``--resume NAME``
-continues a stopped run, ``--resume CHECKPOINT_DIR`` starts a new run from a checkpoint.
+continues a stopped run (its config, data and MLflow run read from its latest checkpoint, also on
+``s3://``), ``--resume CHECKPOINT`` (a folder or URI) starts a new run from a checkpoint.
 
 Finetuning: ``--init-from`` a checkpoint folder or an MLflow model (``models:/NAME@ALIAS``,
 ``models:/NAME/VERSION``) starts from its weights: backbone, extras and box head as they are, the
@@ -56,6 +57,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout (and from a Ray job's worki
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from ssd import storage
 from ssd.config import Config, ConfigError, load_config
 from ssd.data.convert import default_data_home, ensure_synthetic_shards
 from ssd.data.shards import DATASET_JSON, ShardSet, join_spec
@@ -137,9 +139,9 @@ def _local(spec: str) -> str:
 
 def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
     """Config, data and run identity from the command line; raises BadRequest before any Ray."""
-    from ssd.distributed.trainer import latest_checkpoint
+    from ssd.distributed.trainer import checkpoint_summary, latest_checkpoint
 
-    storage = _local(args.storage_path or default_storage_path())  # Ray wants it absolute
+    storage_path = _local(args.storage_path or default_storage_path())  # Ray wants it absolute
     resumed: dict[str, Any] = {}
     resume_from = None
     overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
@@ -149,26 +151,21 @@ def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
         overrides = ["train.epochs=2", "train.batch_size=8", *overrides]
     name = args.name
     if args.resume:
-        from ssd.checkpoint import load_checkpoint
-
-        candidate = Path(args.resume).expanduser()
-        if (candidate / "meta.json").is_file():  # a checkpoint folder: a new run starting from it
-            resume_from = str(candidate.resolve())
-            checkpoint_dir = candidate
+        if storage.is_file(storage.join(_local(args.resume), "meta.json")):
+            # a checkpoint folder (path or URI): a new run starting from it
+            resume_from = checkpoint_dir = _local(args.resume)
         else:  # a run name: Ray continues the run in storage/NAME from its latest checkpoint
             if args.name and args.name != args.resume:
                 raise BadRequest("--resume NAME continues run NAME; do not also give a different --name")
             name = args.resume
-            checkpoint_dir = latest_checkpoint(Path(storage) / name) if "://" not in storage else None
-            if checkpoint_dir is None and "://" not in storage:
-                raise BadRequest(f"--resume {args.resume}: no checkpoint under {Path(storage) / name}")
-            if "://" in storage and not (args.data or (args.train and args.val)):
-                # the run's saved config and data cannot be read from object storage here
-                raise BadRequest(f"--resume {args.resume} with --storage-path {storage}: give the run's data "
-                                 "(--data, or --train and --val), --config and overrides again, as it started")
-        if checkpoint_dir is not None:
-            checkpoint = load_checkpoint(checkpoint_dir)
-            resumed = {"config": checkpoint.config, "epoch": checkpoint.epoch, **checkpoint.extra}
+            checkpoint_dir = latest_checkpoint(storage.join(storage_path, name))
+            if checkpoint_dir is None:
+                raise BadRequest(f"--resume {args.resume}: no checkpoint under {storage.join(storage_path, name)}")
+        try:
+            summary = checkpoint_summary(checkpoint_dir)
+        except (OSError, ValueError, KeyError) as err:
+            raise BadRequest(f"--resume {args.resume}: cannot read the checkpoint at {checkpoint_dir}: {err}") from None
+        resumed = {"config": summary["config"], "epoch": summary["epoch"], **summary.get("extra", {})}
 
     train_spec, val_spec = args.train, args.val
     if args.data:
@@ -231,7 +228,7 @@ def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
         stem = Path(config_name).stem if not config_name.isidentifier() else config_name
         name = f"ssd-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     return {"cfg": cfg, "train_set": train_set, "val_set": val_set, "train_spec": train_spec,
-            "val_spec": val_spec, "name": name, "storage": storage, "resume_from": resume_from,
+            "val_spec": val_spec, "name": name, "storage": storage_path, "resume_from": resume_from,
             "resumed": resumed, "init_state": init_state, "source": source}
 
 
@@ -363,6 +360,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         Scaling,
         build_trainer,
         check_cluster_resources,
+        checkpoint_location,
     )
     from ssd.training import SCORE, RunOptions
 
@@ -403,9 +401,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: training failed: {err}") from None
     best = result.get_best_checkpoint(metric=SCORE, mode="max") or result.checkpoint
     with best.as_directory() as folder:
-        summary = finish_run(args, request, tracker, Path(folder), best.path)
+        summary = finish_run(args, request, tracker, Path(folder), checkpoint_location(best))
     summary.update(run_name=request["name"], run_dir=run_dir, seconds=round(time.perf_counter() - start, 1),
-                   last_checkpoint=result.checkpoint.path if result.checkpoint else None)
+                   last_checkpoint=checkpoint_location(result.checkpoint) if result.checkpoint else None)
     print_summary(summary)
     if args.summary_json:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)

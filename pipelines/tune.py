@@ -3,7 +3,7 @@
     ray job submit --working-dir . -- python pipelines/tune.py --space tune_spaces/priors.yaml \\
         --data DIR --num-samples 8 --epochs 6
     python pipelines/tune.py --space tune_spaces/default.yaml --data DIR --num-samples 16 --min-prior-recall 0.8
-    python pipelines/tune.py --resume NAME        # continue an interrupted sweep
+    python pipelines/tune.py --resume NAME        # continue an interrupted sweep (same --storage-path)
     python pipelines/tune.py --smoke-test         # 3 tiny trials of 2 epochs on synthetic data
 
 The space (``tune_spaces/*.yaml``, grammar in ``ssd/search_space.py``) is checked against the
@@ -19,6 +19,11 @@ MLflow: one parent run for the sweep (its settings as params; the results table
 artifacts) and one child run per trial (sampled values as params, metrics per epoch).
 ``best_config.yaml`` is the best trial's whole config: ``pipelines/train.py --config
 best_config.yaml`` trains it as is.
+
+Storage: ``--storage-path`` is a folder every node mounts, or ``s3://BUCKET/PREFIX``. The sweep's
+folder there holds Tune's state, each trial's Train run, ``sweep_setup.json`` (the request,
+including the loaded search space, so that ``--resume`` needs nothing else), ``best_config.yaml``
+and ``results.csv``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from train import BadRequest, _local, _open, default_storage_path, init_ray
 
+from ssd import storage
 from ssd.config import ConfigError, load_config
 from ssd.data.convert import default_data_home, ensure_synthetic_shards
 from ssd.data.shards import join_spec
@@ -87,18 +93,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Space, base config and data, all checked before Ray starts; raises BadRequest."""
-    storage = _local(args.storage_path or default_storage_path())
-    if "://" in storage:
-        # The sweep keeps its setup, best config and trial placement-group files with plain file
-        # I/O (resume, and freeing the resources of trials ASHA stops, depend on them).
-        raise BadRequest(f"--storage-path {storage}: a sweep needs a folder every Ray node mounts (a local path "
-                         "or an NFS / RWX volume); s3:// is not supported for sweeps yet (trials' data may be "
-                         "on s3://, and pipelines/train.py takes an s3:// --storage-path)")
+    storage_path = _local(args.storage_path or default_storage_path())
     if args.resume:
-        saved = Path(storage) / args.resume / SETUP_FILE
-        if not saved.is_file():
-            raise BadRequest(f"--resume {args.resume}: no sweep under {Path(storage) / args.resume}")
-        return {**json.loads(saved.read_text()), "resume": True, "storage": storage}
+        saved = storage.join(storage_path, args.resume, SETUP_FILE)
+        try:
+            setup = json.loads(storage.read_text(saved))
+        except FileNotFoundError:
+            raise BadRequest(f"--resume {args.resume}: no sweep under {storage.join(storage_path, args.resume)} "
+                             f"(no {SETUP_FILE})") from None
+        return {**setup, "resume": True, "storage": storage_path}
     if not args.space:
         raise BadRequest("--space is required (e.g. tune_spaces/priors.yaml)")
     overrides = list(args.overrides) + ["train.eval_every=1"]  # ASHA compares mAP every epoch
@@ -122,13 +125,14 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     except ConfigError as err:
         raise BadRequest(f"config: {err}") from None
     try:
-        SearchSpace.load(args.space, base)  # checked here, before Ray; loaded again in main
+        space = SearchSpace.load(args.space, base)  # checked here, before Ray
     except SpaceError as err:
         raise BadRequest(f"search space: {err}") from None
     if args.workers_per_trial < 1 or args.num_samples < 1:
         raise BadRequest("--workers-per-trial and --num-samples must be at least 1")
     name = args.name or f"sweep-{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return {"name": name, "storage": storage, "space": str(Path(args.space).resolve()), "base": base.to_dict(),
+    return {"name": name, "storage": storage_path, "space": str(Path(args.space).resolve()), "base": base.to_dict(),
+            "space_snapshot": space.snapshot(),
             "train_spec": train_spec, "val_spec": val_spec, "resume": False,
             "data_hash": train_set.info.get("content_hash", ""), "args": {
                 k: v for k, v in vars(args).items() if k not in ("summary_json", "resume", "overrides")
@@ -167,7 +171,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: {err}") from None
     saved_args = argparse.Namespace(**{**vars(args), **request["args"]}) if request["resume"] else args
     base = config_from_dict(request["base"])
-    space = SearchSpace.load(request["space"], base)
+    # the snapshot: a sweep resumed by another job (another working dir) has no space file
+    space = (SearchSpace.from_snapshot(request["space_snapshot"]) if "space_snapshot" in request
+             else SearchSpace.load(request["space"], base))
     searched = list(space.params)
     epochs = base.train.epochs
 
@@ -195,11 +201,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                 "workers_per_trial": scaling.num_workers, "base_config": saved_args.config})
             tracker.log_artifact(request["space"])
     parent_id = tracker.run_id if tracker is not None and tracker.active else None
-    sweep_dir = Path(request["storage"]) / request["name"]
+    sweep_dir = storage.join(request["storage"], request["name"])  # a path, or a URI on object storage
     if not request["resume"]:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / SETUP_FILE).write_text(json.dumps({k: v for k, v in request.items() if k != "resume"}
-                                                       | {"parent_run_id": parent_id}, indent=2))
+        storage.write_text(storage.join(sweep_dir, SETUP_FILE),
+                           json.dumps({k: v for k, v in request.items() if k != "resume"}
+                                      | {"parent_run_id": parent_id}, indent=2))
 
     gt = prescreen_boxes(request["train_spec"], saved_args.prescreen_images) if saved_args.min_prior_recall else None
     options = RunOptions(train_data=request["train_spec"], val_data=request["val_spec"], log_every=10**6,
@@ -219,7 +225,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"epoch(s), {concurrent} at a time, {saved_args.scheduler}; searching {', '.join(searched)}", flush=True)
     start = time.perf_counter()
     if request["resume"]:
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -254,7 +260,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "full_budget_epochs": len(rows) * epochs, "seconds": round(time.perf_counter() - start, 1),
         "by_status": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
         "best_trial": best["trial_id"] if best else None, "best_mAP": best["best_mAP"] if best else None,
-        "sweep_dir": str(sweep_dir), "parent_run_id": parent_id, "rows": rows}
+        "sweep_dir": sweep_dir, "parent_run_id": parent_id, "rows": rows}
     with tempfile.TemporaryDirectory() as tmp:
         from ssd.distributed.tune import write_results_csv
         from ssd.reporting import plot_sweep
@@ -262,14 +268,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         files = [write_results_csv(rows, Path(tmp) / "results.csv"), plot_sweep(rows, searched, Path(tmp) / "sweep.png")]
         if best is not None:
             best_cfg = trial_config(base, {k: best[k] for k in searched} | space.fixed)
-            best_path = sweep_dir / "best_config.yaml"
+            best_path = Path(tmp) / "best_config.yaml"
             best_path.write_text(f"# best trial {best['trial_id']} of sweep {request['name']}: validation mAP "
                                  f"{best['best_mAP']:.4f}\n" + best_cfg.to_yaml())
-            summary["best_config"] = str(best_path)
+            summary["best_config"] = storage.join(sweep_dir, best_path.name)
             files.append(best_path)
-        for path in files:
-            if path.parent != sweep_dir:
-                (sweep_dir / path.name).write_bytes(path.read_bytes())
+        for path in files:  # next to Tune's own files, wherever the sweep lives
+            storage.upload(path, storage.join(sweep_dir, path.name))
             if tracker is not None:
                 tracker.log_artifact(path)
         if tracker is not None:

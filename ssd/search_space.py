@@ -90,6 +90,17 @@ class SearchSpace:
         space.check(base)
         return space
 
+    def snapshot(self) -> dict[str, Any]:
+        """The loaded space as plain JSON data (includes resolved), for ``from_snapshot``: a
+        resumed sweep must not depend on the YAML files still being where they were."""
+        return {"params": {k: {"kind": p.kind, "args": list(p.args)} for k, p in self.params.items()},
+                "fixed": dict(self.fixed), "source": self.source}
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> SearchSpace:
+        params = {k: Param(k, v["kind"], tuple(v["args"])) for k, v in data["params"].items()}
+        return cls(params, dict(data["fixed"]), data.get("source", "<snapshot>"))
+
     def check(self, base: str | Path | Config) -> None:
         """Raise SpaceError naming the key when a key or an edge value cannot make a config."""
         base_dict = _base_dict(base)

@@ -77,6 +77,57 @@ def services(tmp_path_factory, free_port):
                        check=False)
 
 
+#: the bucket :func:`s3_server` creates
+S3_BUCKET = "ssd-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible HTTP server on loopback (moto's standalone ``moto_server``, a test
+    extra: MinIO has no package in the registries CI can reach) with an empty bucket
+    ``S3_BUCKET``. Yields SimpleNamespace(endpoint, bucket, env): ``env`` holds the AWS variables
+    that point pyarrow, boto3 and MLflow at it; pass it to subprocesses, monkeypatch it in-process.
+    """
+    from types import SimpleNamespace
+
+    import boto3
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "ssd-test",
+           "AWS_SECRET_ACCESS_KEY": "ssd-test-secret", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                    break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail(f"moto_server did not start:\n{log.read_text(errors='replace')[-2000:]}")
+                time.sleep(0.3)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        client.create_bucket(Bucket=S3_BUCKET)
+
+        def keys(prefix: str = "") -> list[str]:
+            """Every object key under ``prefix`` (read with boto3, independently of ssd.storage)."""
+            found = []
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix):
+                found += [item["Key"] for item in page.get("Contents", [])]
+            return found
+
+        yield SimpleNamespace(endpoint=endpoint, bucket=S3_BUCKET, env=env, client=client, keys=keys)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 #: the class names of :func:`tiny_checkpoint`
 TINY_CLASSES = [f"class{i}" for i in range(1, 7)]
 

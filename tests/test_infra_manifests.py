@@ -351,7 +351,7 @@ def entrypoint_errors(job: dict[str, Any], workdir: str) -> list[str]:
         if args.max_concurrent and args.max_concurrent > fit:
             errors.append(f"--max-concurrent {args.max_concurrent} > the {fit} trials the cluster holds")
         errors.append(_location_error("--data", args.data, cluster, s3_ok=True))
-        errors.append(_location_error("--storage-path", args.storage_path, cluster, s3_ok=False))
+        errors.append(_location_error("--storage-path", args.storage_path, cluster, s3_ok=True))
     else:
         if script == "pipelines/pretrain_finetune.py":
             config_error(args.config, args.pretrain)
@@ -715,8 +715,9 @@ ENTRYPOINT_CORRUPTIONS = {
     "trial larger than the cluster": ("pipelines/tune.py",
                                       _set_entrypoint("--workers-per-trial 1", "--workers-per-trial 5")),
     "too many CPUs per worker": ("pipelines/tune.py", _set_entrypoint("--cpus-per-worker 6", "--cpus-per-worker 12")),
-    "s3 sweep storage": ("pipelines/tune.py",
-                         _set_entrypoint("--storage-path /mnt/shared/runs", "--storage-path s3://b/runs")),
+    "sweep storage off the shared volume": ("pipelines/tune.py",
+                                            _set_entrypoint("--storage-path /mnt/shared/runs",
+                                                            "--storage-path /tmp/runs")),
     "data off the shared volume": ("pipelines/pretrain_finetune.py",
                                    _set_entrypoint("--coco-data /mnt/shared/", "--coco-data /data/")),
     "no storage path": ("pipelines/train.py", _set_entrypoint("--storage-path s3://ssd-runs/runs", "")),

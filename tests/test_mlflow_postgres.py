@@ -1,12 +1,21 @@
-"""The model registry path against a real PostgreSQL server: an MLflow server whose backend store
-is PostgreSQL, a run logged, the tiny SSD registered, promoted to ``champion`` and loaded back by
-that alias, and the rows read straight from PostgreSQL.
+"""The model registry path against the deployment's stores: an MLflow server whose backend store
+is a real PostgreSQL server and whose artifact store is an S3-compatible one, configured as in
+infra/mlflow/docker-compose.yaml and infra/mlflow/k8s/mlflow.yaml (``--artifacts-destination
+s3://<bucket>/mlflow-artifacts --serve-artifacts``, the S3 endpoint and credentials in the
+server's environment only). A run is logged, the tiny SSD registered, promoted to ``champion``
+and loaded back by that alias; the rows are read straight from PostgreSQL and the model's files
+straight from the bucket.
+
+The test process has no S3 endpoint or credentials while it logs and loads the model: with
+``--serve-artifacts`` clients upload and download through the server
+(``mlflow-artifacts:/`` URIs), as in the deployment, where they get no S3 credentials.
 
 The test starts its own throwaway PostgreSQL (``initdb`` + ``pg_ctl``) on a free loopback port,
 with its data in a temporary folder; nothing else on the machine is used or changed (the Debian
 package's ``main`` cluster, if any, is left alone). PostgreSQL refuses to run as root, so under
 root the server runs as the ``postgres`` system user the Debian package creates, with its folder
-in /tmp (pytest's own tmp folders are private to root).
+in /tmp (pytest's own tmp folders are private to root). The S3 store stands in for MinIO: the
+``s3_server`` fixture of conftest.py, moto's standalone S3-compatible HTTP server on loopback.
 
 Without the PostgreSQL server binaries, or psycopg2 (the MLflow server's driver), the tests are
 skipped; with ``SSD_REQUIRE_POSTGRES=1`` (set by ``.ci/run``, which installs the Debian packages
@@ -33,7 +42,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ssd.checkpoint import load_checkpoint
+from ssd.checkpoint import INFERENCE_FILES, load_checkpoint
 from ssd.mlflow_model import detections_frame, log_ssd_model
 from ssd.registry import promote_if_better, resolve_model
 from ssd.serving import Detector
@@ -45,6 +54,12 @@ PG_SYSTEM_USER = "postgres"  # who runs the server when the tests run as root
 PG_SUPERUSER = "postgres"  # the database superuser initdb creates (trust auth, no password)
 DATABASE = "mlflow"
 MODEL = "ssd-pg"
+ARTIFACT_PREFIX = "mlflow-artifacts"  # the server's artifact root: s3://<bucket>/mlflow-artifacts
+#: what points boto3 at an S3 store and authenticates it: kept out of the test process, which
+#: reaches artifacts only through the server (clients of the deployment get no S3 credentials)
+S3_CLIENT_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                       "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                       "MLFLOW_S3_ENDPOINT_URL")
 CLASSES = [f"class{i}" for i in range(1, 7)]
 
 
@@ -152,18 +167,21 @@ def postgres(free_port):
 
 
 @pytest.fixture(scope="module")
-def mlflow_pg(postgres, free_port, tmp_path_factory):
-    """``mlflow server`` with PostgreSQL as its backend store (artifacts proxied from a local
-    folder), on loopback; yields its URL, stopped by its process group after the module."""
+def mlflow_pg(postgres, s3_server, free_port, tmp_path_factory):
+    """``mlflow server`` as deployed: PostgreSQL as its backend store, artifacts in the S3 bucket
+    of ``s3_server`` under ``mlflow-artifacts/``, proxied by the server (``--serve-artifacts``);
+    the S3 variables go to the server only. On loopback; yields its URL, stopped by its process
+    group after the module."""
     root = tmp_path_factory.mktemp("mlflow-pg")
     port, log = free_port(), root / "server.log"
     mlflow = Path(sys.executable).parent / "mlflow"
-    env = dict(os.environ)
+    env = {**os.environ, **s3_server.env}
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [str(mlflow), "server", "--backend-store-uri", postgres.uri,
-             "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+             "--artifacts-destination", f"s3://{s3_server.bucket}/{ARTIFACT_PREFIX}",
+             "--serve-artifacts",
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -189,6 +207,15 @@ def mlflow_pg(postgres, free_port, tmp_path_factory):
             pass
 
 
+def _without_s3_credentials(mp: pytest.MonkeyPatch) -> None:
+    """No S3 endpoint or credentials for this process (nor from ~/.aws): a client that tried S3
+    itself instead of going through the server would fail."""
+    for name in S3_CLIENT_VARIABLES:
+        mp.delenv(name, raising=False)
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    mp.setenv("AWS_CONFIG_FILE", os.devnull)
+
+
 def _query(postgres, sql: str, *params) -> list[tuple]:
     conn = postgres.connect()
     try:
@@ -206,14 +233,18 @@ def checkpoint(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def champion(mlflow_pg, checkpoint):
-    """The tiny checkpoint logged into a run, registered as ``ssd-pg`` and made ``champion``."""
+    """The tiny checkpoint logged into a run, registered as ``ssd-pg`` and made ``champion``
+    (uploaded through the server, without S3 credentials)."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=mlflow_pg)
-    run = client.create_run(client.create_experiment("ssd-pg-train"), run_name="train")
-    info = log_ssd_model(run.info.run_id, mlflow_pg, checkpoint, register_as=MODEL, torch_flavour=False)
-    client.set_terminated(run.info.run_id, "FINISHED")
-    promotion = promote_if_better(client, MODEL, info["version"], 0.5, None)
+    with pytest.MonkeyPatch.context() as mp:
+        _without_s3_credentials(mp)
+        client = mlflow.MlflowClient(tracking_uri=mlflow_pg)
+        run = client.create_run(client.create_experiment("ssd-pg-train"), run_name="train")
+        info = log_ssd_model(run.info.run_id, mlflow_pg, checkpoint, register_as=MODEL,
+                             torch_flavour=False)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        promotion = promote_if_better(client, MODEL, info["version"], 0.5, None)
     return SimpleNamespace(run_id=run.info.run_id, promotion=promotion, **info)
 
 
@@ -252,6 +283,7 @@ def test_the_champion_loads_back_by_alias(mlflow_pg, champion, checkpoint, tmp_p
 
     assert champion.registered_name == MODEL and champion.version == "1"
     assert champion.promotion.promoted and champion.promotion.champion_version is None
+    _without_s3_credentials(monkeypatch)  # downloaded through the server too
 
     resolved = resolve_model(f"models:/{MODEL}@champion", mlflow_pg, dst=tmp_path / "resolved")
     assert (resolved.name, resolved.version) == (MODEL, "1")
@@ -284,3 +316,25 @@ def test_the_registry_lives_in_postgres(postgres, champion):
     tags = dict(_query(postgres, "SELECT key, value FROM model_version_tags WHERE name = %s AND version = 1",
                        MODEL))
     assert tags["run_id"] == champion.run_id and '"promoted": true' in tags["champion_comparison"]
+
+
+def test_the_models_artifacts_live_in_s3(s3_server, postgres, champion, checkpoint):
+    # the registry hands clients the server's proxied URI, never the bucket's s3:// one ...
+    [(storage_location,)] = _query(postgres, "SELECT storage_location FROM model_versions "
+                                   "WHERE name = %s AND version = 1", MODEL)
+    assert storage_location.startswith("mlflow-artifacts:/"), storage_location
+    # ... under which the server put the files into the bucket, below its artifact root
+    prefix = f"{ARTIFACT_PREFIX}/{storage_location.removeprefix('mlflow-artifacts:/').strip('/')}/"
+    keys = set(s3_server.keys(f"{ARTIFACT_PREFIX}/"))
+    checkpoint_files = {f"{prefix}artifacts/checkpoint/{name}": name for name in INFERENCE_FILES}
+    expected = {f"{prefix}{name}" for name in ("MLmodel", "requirements.txt", "python_env.yaml")}
+    expected |= set(checkpoint_files)
+    assert expected <= keys, f"missing from s3://{s3_server.bucket}: {sorted(expected - keys)}"
+    assert f"{prefix}artifacts/checkpoint/training.pt" not in keys  # an inference copy
+
+    def read(key: str) -> bytes:
+        return s3_server.client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
+
+    for key, name in checkpoint_files.items():  # byte for byte the checkpoint's files
+        assert read(key) == (checkpoint / name).read_bytes(), key
+    assert b"python_function" in read(f"{prefix}MLmodel")

@@ -140,10 +140,3 @@ def test_worker_death_resumes_from_checkpoint_and_resume_continues(shards, tmp_p
     assert _finished_epochs(log) == [4]
     last = load_checkpoint(json.loads((tmp_path / "summary2.json").read_text())["last_checkpoint"])
     assert last.epoch == 4 and last.step == 4 * 4
-
-
-def test_resuming_a_run_on_object_storage_needs_its_data_again(tmp_path):
-    out = _train(["--resume", "some-run", "--storage-path", "s3://bucket/runs", "--no-mlflow"], tmp_path)
-    assert out.returncode != 0
-    assert "--resume some-run with --storage-path s3://bucket/runs: give the run's data" in out.stderr, out.stderr
-    assert "Started a local Ray instance" not in out.stdout + out.stderr

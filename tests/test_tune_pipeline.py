@@ -41,14 +41,6 @@ def test_invalid_space_fails_before_any_trial(shards, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_object_storage_for_the_sweep_is_refused_before_ray(shards, tmp_path):
-    out = _tune(["--space", str(ROOT / "tune_spaces" / "loss_aug.yaml"), "--data", str(shards),
-                 "--storage-path", "s3://bucket/runs"], tmp_path)
-    assert out.returncode != 0
-    assert "--storage-path s3://bucket/runs: a sweep needs a folder every Ray node mounts" in out.stderr, out.stderr
-    assert "Started a local Ray instance" not in out.stdout + out.stderr
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(600)

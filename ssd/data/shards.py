@@ -35,6 +35,7 @@ import webdataset as wds
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from ssd import storage
 from ssd.data.sharding import ShardSlice, rank_slices, shard_order, steps_per_epoch, worker_split
 from ssd.transforms import PER_OBJECT_KEYS
 
@@ -43,10 +44,21 @@ FORMAT_VERSION = 1
 DATASET_JSON = "dataset.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 
-#: how ``s3://`` URLs are read, as a shell command (``{url}`` is replaced); any S3-compatible CLI
-#: works, e.g. ``SSD_S3_COMMAND="aws s3 cp --endpoint-url http://minio:9000 {url} -"``
+#: ``s3://`` URLs are streamed in-process by ``pyarrow.fs`` (``ssd.storage``; endpoint and
+#: credentials from the AWS variables, ``AWS_ENDPOINT_URL`` for MinIO). Setting this variable
+#: reads them with a shell command instead (``{url}`` is replaced), e.g.
+#: ``SSD_S3_COMMAND="aws s3 cp {url} -"`` or ``"mc cat {url}"``.
 S3_COMMAND_ENV = "SSD_S3_COMMAND"
-DEFAULT_S3_COMMAND = "aws s3 cp {url} -"
+
+
+def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
+    if mode != "rb":
+        raise ValueError(f"{url}: shards on object storage are read-only here (mode {mode!r})")
+    return storage.open_input(url)
+
+
+# WebDataset opens URLs through its scheme table, which has no s3 entry: ours streams the object.
+wds.gopen_schemes.setdefault("s3", _open_s3)
 
 
 class ShardFormatError(ValueError):
@@ -204,7 +216,7 @@ class ShardSet:
     def open(cls, spec: str | os.PathLike) -> ShardSet:
         """Open a split from a directory holding ``dataset.json``, or a ``dataset.json`` path/URL.
 
-        URLs may be ``s3://...`` (read with ``$SSD_S3_COMMAND``), ``http(s)://...``, or any
+        URLs may be ``s3://...`` (see ``S3_COMMAND_ENV``), ``http(s)://...``, or any
         WebDataset URL; shard names in dataset.json are resolved relative to its location.
         """
         spec = os.fspath(spec)
@@ -253,10 +265,12 @@ def _join(base: str, name: str) -> str:
 
 
 def to_readable_url(url: str) -> str:
-    """Map ``s3://`` to a ``pipe:`` command WebDataset can open; other URLs pass through."""
-    if url.startswith("s3://"):
+    """The URL WebDataset opens: ``s3://`` becomes a ``pipe:`` command when ``$SSD_S3_COMMAND``
+    is set (else WebDataset streams it with ``_open_s3``); other URLs pass through."""
+    command = os.environ.get(S3_COMMAND_ENV)
+    if url.startswith("s3://") and command:
         # replace, not str.format: shell commands have braces of their own
-        return "pipe:" + os.environ.get(S3_COMMAND_ENV, DEFAULT_S3_COMMAND).replace("{url}", shlex.quote(url))
+        return "pipe:" + command.replace("{url}", shlex.quote(url))
     return url
 
 

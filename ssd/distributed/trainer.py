@@ -22,9 +22,11 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import yaml
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from ssd import storage
 from ssd.checkpoint import load_checkpoint
 from ssd.config import Config, config_from_dict
 from ssd.tracking import Tracker
@@ -118,32 +120,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              checkpoint_dir_name=name)
 
     if rank == 0 and loop_config.get("placement_group_file"):
-        _write_placement_group(Path(loop_config["placement_group_file"]))
+        _write_placement_group(loop_config["placement_group_file"])
     init_state = None
     if resume is None and loop_config.get("init_state") is not None:
         init_state = ray.get(loop_config["init_state"])  # the driver's transferred weights
     run_training(cfg, options, device=device, report=report, resume=resume, tracker=tracker, init_state=init_state)
 
 
-def _write_placement_group(path: Path) -> None:
-    """Record this run's placement group, so that whoever stops the run abruptly (Tune's ASHA
-    kills the trial, and with it the Train controller) can release it: Ray 2.60 keeps a
-    placement group whose creating actor was killed, holding its CPUs for good."""
+def _write_placement_group(location: str) -> None:
+    """Record this run's placement group (at a path or a URI), so that whoever stops the run
+    abruptly (Tune's ASHA kills the trial, and with it the Train controller) can release it:
+    Ray 2.60 keeps a placement group whose creating actor was killed, holding its CPUs for good."""
     group = ray.util.get_current_placement_group()
     if group is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(group.id.hex())
+        storage.write_text(location, group.id.hex())
 
 
-def release_placement_group(path: str | Path) -> bool:
-    """Remove the placement group recorded at ``path`` if it still exists; True if removed."""
+def release_placement_group(location: str | Path) -> bool:
+    """Remove the placement group recorded at ``location`` if it still exists; True if removed."""
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table
 
-    path = Path(path)
-    if not path.is_file():
+    try:
+        group_id = storage.read_text(location).strip()
+    except FileNotFoundError:
         return False
-    group_id = path.read_text().strip()
     entry = placement_group_table().get(group_id)
     if entry is None or entry.get("state") == "REMOVED":
         return False
@@ -172,7 +173,7 @@ def build_trainer(
         storage_path: a local path, an NFS mount shared by all nodes, or ``s3://bucket/prefix``.
         max_failures: worker-group restarts (from the last checkpoint) before the run fails.
         keep_checkpoints: checkpoints kept: the best by validation mAP, plus always the latest.
-        resume_from: a checkpoint directory to start from (a new run continuing an old one).
+        resume_from: a checkpoint folder (path or URI) to start from (a new run continuing an old one).
         callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
         placement_group_file: rank 0 writes the run's placement-group id there (see
             ``release_placement_group``).
@@ -201,16 +202,37 @@ def build_trainer(
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(resume_from) if resume_from else None,
+        resume_from_checkpoint=ray.train.Checkpoint(resume_from) if resume_from else None,
     )
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint of the highest epoch in a local run folder (None when it has none)."""
+def latest_checkpoint(run_dir: str | Path) -> str | None:
+    """The checkpoint of the highest epoch in a run folder (a path or an ``s3://`` URI), or None.
+
+    Only each checkpoint's ``meta.json`` is read, never its weights.
+    """
     found = []
-    for meta in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*/meta.json"):
+    for name in storage.list_names(run_dir):
+        if not name.startswith(CHECKPOINT_PREFIX):
+            continue
+        folder = storage.join(run_dir, name)
         try:
-            found.append((json.loads(meta.read_text())["epoch"], meta.parent))
-        except (OSError, ValueError, KeyError):
+            found.append((json.loads(storage.read_text(storage.join(folder, "meta.json")))["epoch"], folder))
+        except (OSError, ValueError, KeyError):  # a partial upload or a foreign folder
             continue
     return max(found)[1] if found else None
+
+
+def checkpoint_location(checkpoint: ray.train.Checkpoint) -> str:
+    """A Ray checkpoint's place as users write it: a path, or a URI (Ray keeps ``bucket/key``
+    and the filesystem apart)."""
+    scheme = {"local": "", "gcs": "gs"}.get(checkpoint.filesystem.type_name, checkpoint.filesystem.type_name)
+    return f"{scheme}://{checkpoint.path}" if scheme else checkpoint.path
+
+
+def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json`` plus its ``config`` (a ``Config``), read without its weights,
+    from a path or a URI: what a resumed run needs to know before it starts."""
+    meta = json.loads(storage.read_text(storage.join(folder, "meta.json")))
+    config = config_from_dict(yaml.safe_load(storage.read_text(storage.join(folder, "config.yaml"))))
+    return {**meta, "config": config}

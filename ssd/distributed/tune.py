@@ -21,6 +21,7 @@ import ray
 import ray.tune
 from ray import tune
 
+from ssd import storage
 from ssd.config import ConfigError, config_from_dict
 from ssd.distributed.trainer import Scaling, build_trainer
 from ssd.search_space import SearchSpace, trial_config
@@ -148,12 +149,10 @@ def _finished_run_metrics(setup: SweepSetup, run_name: str, epochs: int) -> dict
     """
     from ssd.distributed.trainer import latest_checkpoint
 
-    if "://" in setup.storage_path:
-        return None
-    last = latest_checkpoint(Path(setup.storage_path) / run_name)
+    last = latest_checkpoint(storage.join(setup.storage_path, run_name))
     if last is None:
         return None
-    meta = json.loads((last / "meta.json").read_text())
+    meta = json.loads(storage.read_text(storage.join(last, "meta.json")))
     return meta["metrics"] if meta["epoch"] >= epochs else None
 
 
@@ -165,10 +164,9 @@ def _untrained_child(setup: SweepSetup, trial_id: str, values: dict[str, Any], t
         tracker.end("FAILED" if tags.get("status") == "invalid" else "FINISHED")
 
 
-def placement_group_file(setup: SweepSetup, trial_id: str) -> str | None:
-    if "://" in setup.storage_path:
-        return None  # object storage: the sweep's driver cannot read it back cheaply
-    return str(Path(setup.storage_path) / setup.sweep_name / "placement_groups" / trial_id)
+def placement_group_file(setup: SweepSetup, trial_id: str) -> str:
+    """Where the trial's rank 0 records its placement group (a path, or a URI: one tiny object)."""
+    return storage.join(setup.storage_path, setup.sweep_name, "placement_groups", trial_id)
 
 
 class ReleaseStoppedTrials(tune.Callback):
@@ -186,12 +184,10 @@ class ReleaseStoppedTrials(tune.Callback):
     def _release(self, trial: Any) -> None:
         from ssd.distributed.trainer import release_placement_group
 
-        path = placement_group_file(self.sweep, trial.trial_id)
-        if path is not None:
-            try:
-                release_placement_group(path)
-            except Exception as err:  # noqa: BLE001 - never break the sweep over bookkeeping
-                print(f"warning: could not release trial {trial.trial_id}'s workers: {err}", flush=True)
+        try:
+            release_placement_group(placement_group_file(self.sweep, trial.trial_id))
+        except Exception as err:  # noqa: BLE001 - never break the sweep over bookkeeping
+            print(f"warning: could not release trial {trial.trial_id}'s workers: {err}", flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._release(trial)
