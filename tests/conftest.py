@@ -22,6 +22,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``url`` until it answers; False if ``proc`` exits or ``timeout`` seconds pass first."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                return False
+            time.sleep(0.3)
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """A function returning a free TCP port on 127.0.0.1 (for services a test starts)."""
@@ -40,16 +53,9 @@ def mlflow_server(tmp_path_factory):
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail("mlflow server did not start")
-            time.sleep(0.5)
+    if not wait_for_http(f"{url}/health", proc, timeout=90):
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not start")
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
@@ -101,15 +107,8 @@ def s3_server(tmp_path_factory):
     env = {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "ssd-test",
            "AWS_SECRET_ACCESS_KEY": "ssd-test-secret", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail(f"moto_server did not start:\n{log.read_text(errors='replace')[-2000:]}")
-                time.sleep(0.3)
+        if not wait_for_http(f"{endpoint}/moto-api/", proc, timeout=60):
+            pytest.fail(f"moto_server did not start:\n{log.read_text(errors='replace')[-2000:]}")
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                               aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                               aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
