@@ -49,7 +49,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -62,6 +61,7 @@ try:
 except ImportError:  # run from a checkout where `ssd` is not installed: use the repo's copy
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from ssd.evaluate import coco_evaluate
+from ssd.reporting import json_safe
 
 log = logging.getLogger("evaluate")
 
@@ -172,17 +172,6 @@ def _write_output(path: Path | None, text: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Model mode
 # --------------------------------------------------------------------------------------------
-
-
-def json_safe(value: Any) -> Any:
-    """NaN and infinities -> None, recursively (strict JSON: VOC AP of a class without GT)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def data_name(spec: str) -> str:

@@ -128,7 +128,7 @@ def default_storage_path() -> str:
 def _open(spec: str, what: str) -> ShardSet:
     try:
         return ShardSet.open(spec)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # missing, malformed, or storage refusing access
         raise BadRequest(f"{what} shards {spec!r}: {err}") from None
 
 
@@ -158,7 +158,11 @@ def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
             if args.name and args.name != args.resume:
                 raise BadRequest("--resume NAME continues run NAME; do not also give a different --name")
             name = args.resume
-            checkpoint_dir = latest_checkpoint(storage.join(storage_path, name))
+            try:
+                checkpoint_dir = latest_checkpoint(storage.join(storage_path, name))
+            except OSError as err:  # e.g. object storage refusing the listing
+                raise BadRequest(f"--resume {args.resume}: cannot list {storage.join(storage_path, name)}: "
+                                 f"{err}") from None
             if checkpoint_dir is None:
                 raise BadRequest(f"--resume {args.resume}: no checkpoint under {storage.join(storage_path, name)}")
         try:
@@ -385,7 +389,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     options = RunOptions(train_data=request["train_spec"], val_data=request["val_spec"],
                          loader_workers=args.loader_workers, log_every=args.log_every, amp=args.amp,
                          tracking_uri=uri, mlflow_run_id=run_id, inject_failure=args.inject_failure)
-    run_dir = f"{request['storage'].rstrip('/')}/{request['name']}"
+    run_dir = storage.join(request["storage"], request["name"])
     print(f"run {request['name']}: {scaling.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s); checkpoints "
           f"in {run_dir}" + (f"; MLflow run {run_id} at {uri}" if run_id else "; MLflow off"), flush=True)
 

@@ -101,6 +101,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         except FileNotFoundError:
             raise BadRequest(f"--resume {args.resume}: no sweep under {storage.join(storage_path, args.resume)} "
                              f"(no {SETUP_FILE})") from None
+        except (OSError, ValueError) as err:  # unreadable, or not JSON
+            raise BadRequest(f"--resume {args.resume}: cannot read {saved}: {err}") from None
         return {**setup, "resume": True, "storage": storage_path}
     if not args.space:
         raise BadRequest("--space is required (e.g. tune_spaces/priors.yaml)")

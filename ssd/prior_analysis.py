@@ -34,6 +34,7 @@ from torch import Tensor
 from ssd.boxes import box_iou, cxcywh_to_xyxy
 from ssd.config import Config
 from ssd.data.shards import ShardSet, read_samples
+from ssd.reporting import json_safe
 
 #: COCO's size buckets in pixels^2 (pycocotools ``Params.areaRng``): [low, high)
 SIZE_BUCKETS: dict[str, tuple[float, float]] = {
@@ -295,17 +296,7 @@ def write_report(rows: Sequence[tuple[str, dict[str, Any]]], out_dir: str | Path
     md = out_dir / "coverage.md"
     md.write_text(coverage_table(rows))
     js = out_dir / "coverage.json"
-    js.write_text(json.dumps({"rows": [{"name": name, **_no_nan(result)} for name, result in rows]},
+    js.write_text(json.dumps({"rows": [{"name": name, **json_safe(result)} for name, result in rows]},
                              indent=2, allow_nan=False) + "\n")
     png = plot_coverage(rows, out_dir / "coverage.png")
     return [md, js, png]
-
-
-def _no_nan(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_no_nan(v) for v in value]
-    return value

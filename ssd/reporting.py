@@ -35,6 +35,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 __all__ = [
     "REPORT_FILES",
     "detection_grid",
+    "json_safe",
     "mean_row",
     "per_class_table",
     "plot_pr_curves",
@@ -66,6 +67,18 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 GT_COLOR: tuple[int, int, int] = (0, 255, 0)
 
 _GRID_PADDING = 2  # make_grid's default, named because the layout depends on it
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities -> None, recursively: strict JSON (a VOC AP of a class without ground
+    truth is NaN, which ``json.dumps`` would write as the non-standard ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------------------------

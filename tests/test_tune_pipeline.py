@@ -41,6 +41,16 @@ def test_invalid_space_fails_before_any_trial(shards, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_resuming_a_sweep_with_an_unreadable_setup_names_the_file(tmp_path):
+    setup = tmp_path / "runs" / "broken" / "sweep_setup.json"
+    setup.parent.mkdir(parents=True)
+    setup.write_text('{"name": "broken", ')  # cut off mid-write
+    out = _tune(["--resume", "broken", "--storage-path", str(tmp_path / "runs")], tmp_path)
+    assert out.returncode != 0
+    assert f"--resume broken: cannot read {setup}" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "Started a local Ray instance" not in out.stdout + out.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(600)

@@ -261,7 +261,7 @@ def join_spec(base: str | os.PathLike, name: str) -> str:
 def _join(base: str, name: str) -> str:
     if "://" in name or name.startswith(("/", "pipe:")):
         return name
-    return str(Path(base) / name) if _is_local(base) else base.rstrip("/") + "/" + name
+    return storage.join(base, name)
 
 
 def to_readable_url(url: str) -> str:
