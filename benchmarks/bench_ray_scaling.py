@@ -31,8 +31,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from _common import RESULTS_DIR, machine_info
 
@@ -67,10 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from ssd.data.convert import default_data_home, ensure_synthetic_shards
+    from ssd.distributed.cluster import connect
 
     data = ensure_synthetic_shards(default_data_home() / "synthetic", 1536, 256)
     cpus = os.cpu_count() or 1
-    ray.init(address="local", num_cpus=min(cpus, 2), include_dashboard=False, logging_level="ERROR")
+    connect("local", num_cpus=min(cpus, 2), quiet=True)  # a private cluster: loopback, token auth
     rates: dict[str, list[float]] = {name: [] for name, _, _ in CASES}
     with tempfile.TemporaryDirectory() as storage:
         for _ in range(args.repeats):

@@ -35,7 +35,7 @@ def sweep(scheduler: str, args: argparse.Namespace, storage: str) -> dict:
            "--seed", str(args.seed), "--address", "local", "--no-mlflow", "--storage-path", storage,
            "--summary-json", str(out)]
     print("$", " ".join(cmd), flush=True)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssd.data.convert import default_data_home, ensure_synthetic_shards
+from ssd.local_state import running_mlflow, running_ray, state_dir
 
 BIN = Path(sys.executable).parent
 
@@ -46,14 +47,19 @@ def main(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     data = ensure_synthetic_shards(default_data_home() / "synthetic", 1536, 256,
                                    log=lambda line: print(line, flush=True))
-    env = {**os.environ, "PYTHON": sys.executable, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    env = {**os.environ, "PYTHON": sys.executable}
     if args.state:
         env["SSD_LOCAL_STATE"] = str(args.state)
-    dashboard = f"http://127.0.0.1:{env.get('RAY_DASHBOARD_PORT', '8265')}"
-    mlflow_url = f"http://127.0.0.1:{env.get('MLFLOW_PORT', '5000')}"
     subprocess.run([str(ROOT / "infra" / "local" / "start.sh")], env=env, check=True)
 
-    state = Path(env.get("SSD_LOCAL_STATE", Path.home() / ".cache" / "ssd-ray" / "local"))
+    state = Path(env.get("SSD_LOCAL_STATE") or state_dir())
+    head, server = running_ray(state), running_mlflow(state)
+    if head is None or server is None:
+        raise SystemExit(f"start.sh did not leave a running Ray head and MLflow server in {state}")
+    dashboard, mlflow_url = head.dashboard, server.tracking_uri
+    # `ray job submit` needs the head's token (start.sh turns token auth on)
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": head.token_file}
+    env.pop("RAY_AUTH_TOKEN", None)
     summary_path = state / f"demo-summary-{os.getpid()}.json"
     command = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
                "python", "pipelines/train.py", "--config", "tiny", "--data", str(data),
@@ -75,6 +81,12 @@ def main(args: argparse.Namespace) -> dict:
     if summary.get("registered_version") is not None:
         print(f"  registered model: {summary['registered_name']} version {summary['registered_version']}")
     print(f"  Ray dashboard: {dashboard}; stop both with `make down`")
+    print("\nto use them from this shell (`ray job submit`, `ray status`, pipelines/*.py, the MLflow client):")
+    print(f"  export RAY_ADDRESS={dashboard} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={head.token_file}")
+    print(f"  export MLFLOW_TRACKING_URI={mlflow_url}")
+    if summary.get("registered_version") is not None:
+        print(f"  python pipelines/predict.py --model models:/{summary['registered_name']}@champion --out predictions "
+              "IMAGE.jpg")
     return summary
 
 

@@ -56,12 +56,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-try:
-    from ssd.evaluate import coco_evaluate
-except ImportError:  # run from a checkout where `ssd` is not installed: use the repo's copy
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ssd.evaluate import coco_evaluate
-from ssd.reporting import json_safe
+# run from a checkout where `ssd` is not installed: the repo's copy. The library (torch,
+# torchvision, pycocotools: seconds to import) loads only once the request is checked, so a
+# missing file fails at once.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 log = logging.getLogger("evaluate")
 
@@ -150,6 +148,8 @@ def main(args: argparse.Namespace) -> dict:
     for flag, path in (("--coco-gt", args.coco_gt), ("--detections", args.detections)):
         if not path.is_file():
             raise SystemExit(f"error: {flag} file not found: {path}")
+    from ssd.evaluate import coco_evaluate
+
     log.info("evaluating %s against %s", args.detections, args.coco_gt)
     try:
         metrics = coco_evaluate(args.coco_gt, args.detections, verbose=args.verbose)
@@ -199,6 +199,7 @@ def main_model(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from ssd.registry import ModelReferenceError, is_model_uri, resolve_model
+    from ssd.reporting import json_safe
     from ssd.scoring import evaluate_checkpoint, flat_metrics
     from ssd.tracking import resolve_tracking_uri
 

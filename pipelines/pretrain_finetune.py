@@ -8,8 +8,8 @@ Stage 1 trains on ``--coco-data`` (a folder with ``train/`` and ``val/`` shard s
 a version of ``--coco-name`` (default ``ssd-coco``). The alias ``champion`` moves to it only if its
 mAP beats the current champion's on the same validation set: the champion's recorded mAP is used
 when it was measured on the same shards (same content hash), else the champion is evaluated on
-them now. The comparison is recorded on the version (tag ``champion_comparison``) and the parent
-run.
+them now. ``train.py --register-as`` applies this rule (``ssd.registry.apply_champion_rule``); the
+comparison is recorded on the version (tag ``champion_comparison``) and here on the parent run.
 
 Stage 2 looks up ``models:/<coco-name>@champion`` (or the model ``--from-registry`` names), builds
 the VOC model from it (``pipelines/train.py --init-from``: backbone, extras and box head as they
@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout (and from a Ray job's working dir) too
 sys.path.insert(0, str(ROOT / "pipelines"))
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import train  # pipelines/train.py, importable after the path set-up
@@ -142,7 +139,8 @@ def _common_train_args(args: argparse.Namespace, uri: str, parent_run_id: str) -
     argv = ["--workers", str(args.workers), "--cpus-per-worker", str(args.cpus_per_worker),
             "--mlflow-uri", uri, "--experiment", args.experiment, "--parent-run-id", parent_run_id,
             "--log-every", str(args.log_every), "--loader-workers", str(args.loader_workers), "--amp", args.amp,
-            "--max-failures", str(args.max_failures), "--keep-checkpoints", str(args.keep_checkpoints)]
+            "--max-failures", str(args.max_failures), "--keep-checkpoints", str(args.keep_checkpoints),
+            "--alias", args.alias, "--eval-device", args.eval_device]
     if args.use_gpu is not None:
         argv.append("--gpu" if args.use_gpu else "--cpu")
     if args.address:
@@ -159,53 +157,23 @@ def run_stage(argv: list[str], what: str) -> dict[str, Any]:
         summary = train.main(train.get_args_parser().parse_args(argv))
     except SystemExit as err:
         raise PipelineError(f"{what} failed: {err}") from None
-    if not summary.get("registered_version"):
-        raise PipelineError(f"{what}: the model was not registered (see the warning above); the checkpoint is "
-                            f"{summary.get('best_checkpoint')}")
+    if summary.get("error") or not summary.get("champion_comparison"):  # not registered, or no champion decision
+        raise PipelineError(f"{what}: {summary.get('error') or 'the model was not registered (see above)'}; the "
+                            f"checkpoint is {summary.get('best_checkpoint')}")
     return summary
 
 
-def champion_score(client: Any, champion: Any, val_spec: str, val_hash: str, device: str) -> tuple[float, str]:
-    """The champion's mAP on this validation set: its recorded one if measured on the same shards
-    (same content hash), else evaluated now. Returns (score, how)."""
-    tags = champion.tags or {}
-    if tags.get("val_data_hash") and tags.get("val_data_hash") == val_hash and "mAP" in tags:
-        return float(tags["mAP"]), "recorded on the same validation shards"
-    from ssd.registry import resolve_model
-    from ssd.scoring import evaluate_checkpoint
-
-    print(f"evaluating {champion.name} v{champion.version} on {val_spec}: its recorded mAP is on other data",
-          flush=True)
-    with tempfile.TemporaryDirectory(prefix="ssd-champion-") as tmp:
-        model = resolve_model(f"models:/{champion.name}/{champion.version}", client.tracking_uri, dst=tmp)
-        try:
-            result = evaluate_checkpoint(model.checkpoint, val_spec, device=device)
-        except ValueError as err:  # e.g. other classes: it cannot be compared, the new one wins
-            print(f"warning: cannot evaluate the champion on {val_spec}: {err}", file=sys.stderr, flush=True)
-            return float("-inf"), f"not comparable ({err})"
-    return float(result["AP"]), "evaluated on the same validation shards now"
-
-
-def promote(client: Any, name: str, summary: dict[str, Any], val_spec: str, val_hash: str, args: argparse.Namespace,
-            parent: Tracker, prefix: str) -> dict[str, Any]:
-    """Move ``name@alias`` to the stage's new version if it beats the champion; record it."""
-    from ssd.registry import current_champion, promote_if_better
-
-    version, score = str(summary["registered_version"]), float(summary["mAP"])
-    champion = current_champion(client, name, args.alias)
-    previous, how = None, None
-    if champion is not None and str(champion.version) != version:
-        previous, how = champion_score(client, champion, val_spec, val_hash, args.eval_device)
-    result = promote_if_better(client, name, version, score, previous, alias=args.alias, champion=champion,
-                               champion_score_source=how)
-    record = result.to_dict()
-    parent.set_tags({f"{prefix}.model": f"{name}/{version}", f"{prefix}.promoted": result.promoted,
+def record_promotion(parent: Tracker, prefix: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Put a stage's champion decision (made by train.py, ``ssd.registry.apply_champion_rule``)
+    on the parent run: tags ``<prefix>.model``, ``.promoted``, ``.champion_comparison`` and
+    metrics ``<prefix>/mAP``, ``<prefix>/champion_mAP``. Returns the comparison."""
+    record = summary["champion_comparison"]
+    name, version = summary["registered_name"], summary["registered_version"]
+    parent.set_tags({f"{prefix}.model": f"{name}/{version}", f"{prefix}.promoted": record["promoted"],
                      f"{prefix}.champion_comparison": json.dumps(record, sort_keys=True)})
-    parent.log_metrics({f"{prefix}/mAP": score} | ({f"{prefix}/champion_mAP": previous}
-                                                    if previous not in (None, float("-inf")) else {}))
-    verdict = "now" if result.promoted else "stays at the previous version;"
-    print(f"{name} v{version}: mAP {score:.4g}; {args.alias} {verdict} "
-          f"{'v' + version if result.promoted else 'v' + str(result.champion_version)} ({result.reason})", flush=True)
+    previous = record["champion_score"]
+    parent.log_metrics({f"{prefix}/mAP": record["score"]} | ({f"{prefix}/champion_mAP": previous}
+                                                             if previous not in (None, float("-inf")) else {}))
     return record
 
 
@@ -217,8 +185,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
-    import mlflow
-
     from ssd.registry import ModelReferenceError, resolve_model
 
     stage1 = args.from_registry is None
@@ -229,7 +195,6 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     if args.pretrain_only and not stage1:
         raise PipelineError("--pretrain-only and --from-registry leave nothing to run")
     uri = resolve_tracking_uri(args.mlflow_uri)
-    client = mlflow.MlflowClient(tracking_uri=uri)
 
     # --- everything that can be refused is refused before any training ---------------------
     coco = _shards(args.coco_data, "--coco-data") if stage1 else None
@@ -271,9 +236,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                     "--name", f"{name}-pretrain", *common, *(["--epochs", str(args.pretrain_epochs)]
                                                              if args.pretrain_epochs else []), *args.pretrain]
             result = run_stage(argv, "stage 1: pretrain")
-            val = coco["val"]
-            result["promotion"] = promote(client, args.coco_name, result, join_spec(args.coco_data, "val"),
-                                          val.info.get("content_hash", ""), args, parent, "pretrain")
+            result["promotion"] = record_promotion(parent, "pretrain", result)
             summary["pretrain"] = result
         if not args.pretrain_only:
             name2 = finetune_config_name(args)
@@ -283,9 +246,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                     *common, *(["--epochs", str(args.finetune_epochs)] if args.finetune_epochs else []),
                     *args.finetune]
             result = run_stage(argv, f"stage 2: finetune from {source_ref}")
-            val = voc["val"]
-            result["promotion"] = promote(client, args.voc_name, result, join_spec(args.voc_data, "val"),
-                                          val.info.get("content_hash", ""), args, parent, "finetune")
+            result["promotion"] = record_promotion(parent, "finetune", result)
             result["init_from"] = source_ref
             summary["finetune"] = result
         status = "FINISHED"

@@ -47,21 +47,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout (and from a Ray job's working dir) too
-
-# Ray's own defaults would turn token auth on for a local ray.init() (breaking a later
-# `ray start`/`ray job submit`) and send usage stats; a user's explicit settings win.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from ssd import storage
 from ssd.config import Config, ConfigError, load_config
 from ssd.data.convert import default_data_home, ensure_synthetic_shards
 from ssd.data.shards import DATASET_JSON, ShardSet, join_spec
 from ssd.tracking import Tracker, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from ssd.distributed.cluster import ClusterPlan
 
 EXIT_BAD_REQUEST = 2
 
@@ -102,7 +100,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     track.add_argument("--mlflow-uri", help="tracking URI (default $MLFLOW_TRACKING_URI, else a local SQLite store)")
     track.add_argument("--experiment", default="ssd-ray", help="MLflow experiment (default ssd-ray)")
     track.add_argument("--no-mlflow", action="store_true", help="do not track")
-    track.add_argument("--register-as", metavar="NAME", help="register the best model as a version of NAME")
+    track.add_argument("--register-as", metavar="NAME",
+                       help="register the best model as a version of NAME; alias --alias moves to it if it beats "
+                            "the current one on the same validation shards (a first version takes it)")
+    track.add_argument("--alias", default="champion", help="the alias of NAME's best version (default champion)")
+    track.add_argument("--eval-device", default="cpu",
+                       help="where the current champion is evaluated when its recorded mAP is on other "
+                            "validation data (default cpu)")
+    track.add_argument("--register-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="at the end, keep retrying an unreachable MLflow this long to log the model, register "
+                            "it and end the run (default 300); then exit non-zero with the command that does it "
+                            "later (pipelines/register.py)")
     track.add_argument("--parent-model", metavar="NAME/VERSION",
                        help="lineage tag: the model this run started from (default: the --init-from model)")
     track.add_argument("--parent-run-id", help="nest this run's MLflow run under that run (pipelines use it)")
@@ -114,7 +122,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="shorthand for train.epochs=N")
     p.add_argument("--log-every", type=int, default=20, help="steps between progress lines (default 20)")
     p.add_argument("--summary-json", type=Path, help="also write the run summary as JSON here")
-    p.add_argument("--inject-failure", metavar="EPOCH:STEP[:RANK]",
+    p.add_argument("--inject-failure", metavar="EPOCH:STEP[:RANK] or setup",
                    help="(testing) that worker dies at that step of a fresh run; the run must recover")
     p.add_argument("--smoke-test", action="store_true", help="2 short epochs on a small synthetic set")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optim.lr=0.02")
@@ -139,8 +147,6 @@ def _local(spec: str) -> str:
 
 def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
     """Config, data and run identity from the command line; raises BadRequest before any Ray."""
-    from ssd.distributed.trainer import checkpoint_summary, latest_checkpoint
-
     storage_path = _local(args.storage_path or default_storage_path())  # Ray wants it absolute
     resumed: dict[str, Any] = {}
     resume_from = None
@@ -151,6 +157,11 @@ def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
         overrides = ["train.epochs=2", "train.batch_size=8", *overrides]
     name = args.name
     if args.resume:
+        from ssd.distributed.trainer import (  # Ray: only when needed
+            checkpoint_summary,
+            latest_checkpoint,
+        )
+
         if storage.is_file(storage.join(_local(args.resume), "meta.json")):
             # a checkpoint folder (path or URI): a new run starting from it
             resume_from = checkpoint_dir = _local(args.resume)
@@ -206,13 +217,13 @@ def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
             cfg = load_config(args.config or "tiny", [f"model.num_classes={train_set.num_classes}", *overrides])
     except ConfigError as err:
         raise BadRequest(f"config: {err}") from None
-    if cfg.train.freeze_backbone_epochs < 0:
-        raise BadRequest(f"train.freeze_backbone_epochs must be >= 0, got {cfg.train.freeze_backbone_epochs}")
     if cfg.model.num_classes != train_set.num_classes:
         raise BadRequest(f"model.num_classes={cfg.model.num_classes}, but the shards have "
                          f"{len(train_set.classes)} classes + background")
     if args.workers < 1:
         raise BadRequest(f"--workers must be at least 1, got {args.workers}")
+    if args.register_as and args.no_mlflow:
+        raise BadRequest("--register-as needs MLflow: drop --no-mlflow")
     init_state = None
     if source is not None:
         from ssd.transfer import IncompatibleModels, initial_state
@@ -326,62 +337,60 @@ def start_tracking(args: argparse.Namespace, request: dict[str, Any], scaling: A
     return tracker
 
 
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address is None and not os.environ.get("RAY_ADDRESS") and _stale_local_cluster():
-        # ray.init() would retry the dead cluster's GCS forever instead of starting a new one
-        print("the last local Ray cluster recorded in /tmp/ray is gone; starting a new one", flush=True)
-        address = "local"
-    ray.init(address=address, logging_level="WARNING", log_to_driver=True)
-
-
-def _stale_local_cluster() -> bool:
-    """True when /tmp/ray names a local cluster whose GCS no longer answers."""
-    import socket
+def init_ray(address: str | None) -> ClusterPlan:
+    """Connect to the cluster ``ssd.distributed.cluster`` picks; one line on failure."""
+    from ssd.distributed.cluster import ClusterAddressError, connect
 
     try:
-        from ray._private.services import find_bootstrap_address
+        return connect(address)
+    except (ClusterAddressError, ConnectionError) as err:
+        raise SystemExit(f"error: {err}") from None
 
-        recorded = find_bootstrap_address(None)
-    except Exception:  # noqa: BLE001 - a Ray without this helper: let ray.init decide
-        return False
-    if not recorded:
-        return False
-    host, _, port = recorded.rpartition(":")
+
+def check_workers_fit(args: argparse.Namespace, target: ClusterPlan) -> None:
+    """Before a private cluster starts, check ``--workers`` against this machine (seconds, not
+    the minute a cluster start costs); a running cluster is checked once connected."""
+    from ssd.distributed.cluster import machine_resources
+
+    if target.starts_cluster:
+        _check_scaling(args, machine_resources(), "this machine")
+
+
+def _check_scaling(args: argparse.Namespace, resources: dict[str, float], where: str) -> bool:
+    """The GPU choice for ``resources``, or SystemExit naming the shortfall."""
+    from ssd.distributed.cluster import ClusterTooSmall, Scaling, check_cluster_resources
+
+    use_gpu = args.use_gpu if args.use_gpu is not None else resources.get("GPU", 0) >= args.workers
     try:
-        with socket.create_connection((host, int(port)), timeout=2):
-            return False
-    except (OSError, ValueError):
-        return True
+        check_cluster_resources(Scaling(args.workers, use_gpu, args.cpus_per_worker), resources, where=where)
+    except ClusterTooSmall as err:
+        raise SystemExit(f"error: {err}") from None
+    return use_gpu
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from ssd.distributed.trainer import (
-        ClusterTooSmall,
-        Scaling,
-        build_trainer,
-        check_cluster_resources,
-        checkpoint_location,
-    )
-    from ssd.training import SCORE, RunOptions
+    from ssd.distributed.cluster import ClusterAddressError, Scaling
+    from ssd.distributed.cluster import plan as plan_cluster
 
+    try:
+        target = plan_cluster(args.address)
+    except ClusterAddressError as err:
+        raise SystemExit(f"error: {err}") from None
+    check_workers_fit(args, target)
     try:
         request = resolve_request(args)
     except BadRequest as err:
         raise SystemExit(f"error: {err}") from None
 
+    # Ray, Ray Train and the training code load only now: a bad request fails in a few seconds
+    from ssd.distributed.trainer import build_trainer, checkpoint_location
+    from ssd.training import SCORE, RunOptions
+
     init_ray(args.address)
     import ray
 
-    use_gpu = args.use_gpu if args.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= args.workers
+    use_gpu = _check_scaling(args, ray.cluster_resources(), "the Ray cluster")
     scaling = Scaling(num_workers=args.workers, use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker)
-    try:
-        check_cluster_resources(scaling)
-    except ClusterTooSmall as err:
-        raise SystemExit(f"error: {err}") from None
 
     tracker = start_tracking(args, request, scaling)
     run_id = tracker.run_id if tracker is not None and tracker.active else None
@@ -400,9 +409,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - whatever failed, the MLflow run must not stay RUNNING
-        if tracker is not None:
-            tracker.end("FAILED")
-        raise SystemExit(f"error: training failed: {err}") from None
+        if tracker is not None:  # ended even if MLflow was away during training, once it answers
+            tracker.end("FAILED", retry_for=min(args.register_timeout, 30))
+        from ssd.distributed.failures import summarize
+
+        raise SystemExit(f"error: training failed: {summarize(err)}") from None
     best = result.get_best_checkpoint(metric=SCORE, mode="max") or result.checkpoint
     with best.as_directory() as folder:
         summary = finish_run(args, request, tracker, Path(folder), checkpoint_location(best))
@@ -412,50 +423,69 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.summary_json:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps(summary, indent=2, default=str))
+    if summary.get("error"):  # e.g. the model could not be registered: the job failed
+        raise SystemExit(f"error: {summary['error']}")
     return summary
 
 
 def finish_run(args: argparse.Namespace, request: dict[str, Any], tracker: Tracker | None, checkpoint: Path,
                checkpoint_path: str) -> dict[str, Any]:
-    """Log the best checkpoint's model (and register it), close the MLflow run; the summary."""
+    """Finish the MLflow run with the best checkpoint (``ssd.publish.publish_run``: best metrics,
+    the model, with ``--register-as`` a version and the champion rule, the run ended FINISHED),
+    retrying an unreachable server for ``--register-timeout`` seconds; the summary.
+
+    Training never waited for MLflow; this step does, because a ``--register-as`` job exists to
+    register. If it still fails, the run is ended FAILED if the server answers, and the summary
+    holds ``registration_error`` and ``register_command`` (``pipelines/register.py``, which
+    finishes the job later); with ``--register-as`` also ``error``: the job must exit non-zero.
+    """
     from ssd.checkpoint import load_checkpoint
+    from ssd.publish import PublishError, publish_run, register_command
 
     best = load_checkpoint(checkpoint)
     summary: dict[str, Any] = {
         "best_checkpoint": checkpoint_path, "best_epoch": best.epoch,
         "mAP": best.metrics.get("mAP"), "AP50": best.metrics.get("AP50"),
         "VOC07_mAP": best.metrics.get("VOC07_mAP"), "epochs": request["cfg"].train.epochs,
+        "mlflow_run_id": None, "registered_name": None, "registered_version": None, "alias": args.alias,
+        "champion": None, "champion_comparison": None, "registration_error": None, "register_command": None,
+        "error": None,
     }
-    if tracker is None or not tracker.active:
-        return summary | {"mlflow_run_id": None}
-    tracker.log_metrics({f"best/{k}": v for k, v in best.metrics.items() if k in ("mAP", "AP50", "VOC07_mAP")},
-                        step=best.epoch)
+    if tracker is None or tracker.run_id is None:  # --no-mlflow, or MLflow unreachable when the run started
+        if args.register_as:
+            why = ("--no-mlflow" if tracker is None
+                   else f"MLflow was unreachable when the run started ({tracker.failure})")
+            summary["registration_error"] = f"nothing was logged or registered: {why}"
+            summary["error"] = (f"the model was not registered as {args.register_as}: {why}; the best checkpoint is "
+                                f"{checkpoint_path}")
+        return summary
     summary.update(mlflow_run_id=tracker.run_id, mlflow_uri=tracker.uri, mlflow_ui=_ui_address(tracker.uri))
+    lineage: dict[str, str] | None = lineage_tags(args, request)
+    if request.get("source") is None and request["resumed"] and not args.parent_model:
+        lineage = None  # a resumed finetune: its lineage was tagged on the run when it started; read there
     try:
-        from ssd.mlflow_model import log_ssd_model
-
-        cfg = request["cfg"]
-        lineage = lineage_tags(args, request)
-        if request.get("source") is None and request["resumed"] and not args.parent_model:
-            # a resumed finetune: its lineage was tagged on the run when it started
-            lineage = {k: v for k, v in tracker.run_tags().items() if k.startswith(("parent_", "init_"))} or lineage
-        tags = {
-            "data_hash": request["train_set"].info.get("content_hash", ""),
-            "val_data_hash": request["val_set"].info.get("content_hash", ""),
-            "prior_spec": cfg.priors.name,
-            "prior_spec_json": cfg.priors.to_json(),
-            **lineage,
-            "mAP": repr(float(best.metrics.get("mAP", float("nan")))),
-            "best_epoch": str(best.epoch),
-        }
-        logged = log_ssd_model(tracker.run_id, tracker.uri, checkpoint, register_as=args.register_as,
-                               version_tags=tags)
-        summary.update(model_uri=logged.get("model_uri"), registered_name=logged.get("registered_name"),
-                       registered_version=logged.get("version"))
-    except Exception as err:  # noqa: BLE001 - the trained checkpoints are kept whatever MLflow does
-        print(f"warning: could not log the model to MLflow ({type(err).__name__}: {err}); the checkpoint "
-              f"is at {checkpoint_path}", file=sys.stderr, flush=True)
-    tracker.end("FINISHED")
+        published = publish_run(
+            tracker.run_id, tracker.uri, checkpoint, register_as=args.register_as,
+            data_hash=request["train_set"].info.get("content_hash", ""),
+            val_data_hash=request["val_set"].info.get("content_hash", ""), lineage=lineage,
+            val_data=request["val_spec"], alias=args.alias, eval_device=args.eval_device,
+            timeout=args.register_timeout, say=lambda line: print(line, flush=True))
+        summary.update(published)
+    except PublishError as err:
+        summary.update({k: v for k, v in err.done.items() if v is not None})
+        command = register_command(tracker.run_id, checkpoint_path, name=args.register_as, tracking_uri=tracker.uri,
+                                   alias=args.alias)
+        summary.update(registration_error=str(err), register_command=command)
+        # The job fails (with --register-as): so does its run, if the server answers now. register.py
+        # ends it FINISHED when it completes the job.
+        status = "FAILED" if args.register_as else "FINISHED"
+        tracker.end(status, retry_for=0)
+        if args.register_as:
+            summary["error"] = (f"the model was not registered as {args.register_as}: {err}; "
+                                f"finish it later with: {command}")
+        else:
+            print(f"warning: the model was not logged to MLflow: {err}; log it later with: {command}",
+                  file=sys.stderr, flush=True)
     return summary
 
 
@@ -474,6 +504,17 @@ def print_summary(summary: dict[str, Any]) -> None:
     if summary.get("registered_name"):
         lines.append(f"  registered model: {summary['registered_name']} version {summary['registered_version']} "
                      f"(models:/{summary['registered_name']}/{summary['registered_version']})")
+    comparison = summary.get("champion_comparison")
+    if comparison:
+        alias = summary.get("alias") or "champion"
+        if comparison["promoted"]:
+            lines.append(f"  alias {alias}: moved to version {comparison['version']} ({comparison['reason']})")
+        else:
+            lines.append(f"  alias {alias}: stays at version {comparison['champion_version']} ({comparison['reason']})")
+    if summary.get("registration_error"):
+        lines.append(f"  MLflow: FAILED: {summary['registration_error']}")
+        if summary.get("register_command"):
+            lines.append(f"  finish it later with: {summary['register_command']}")
     print("\n".join(lines), flush=True)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -42,8 +41,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "pipelines"))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from train import BadRequest, _local, _open, default_storage_path, init_ray
 
@@ -154,7 +151,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from ssd.config import config_from_dict
-    from ssd.distributed.trainer import ClusterTooSmall, Scaling, check_cluster_resources
+    from ssd.distributed.cluster import (
+        ClusterAddressError,
+        ClusterTooSmall,
+        Scaling,
+        check_cluster_resources,
+        machine_resources,
+    )
+    from ssd.distributed.cluster import plan as plan_cluster
     from ssd.distributed.tune import (
         DRIVER_RESOURCES,
         NO_SCORE,
@@ -179,12 +183,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     searched = list(space.params)
     epochs = base.train.epochs
 
-    init_ray(args.address)
     scaling = Scaling(saved_args.workers_per_trial, bool(saved_args.gpu), saved_args.cpus_per_worker)
     try:
+        if plan_cluster(args.address).starts_cluster:  # checked before a cluster starts for nothing
+            check_cluster_resources(scaling, machine_resources(), where="this machine")
+        init_ray(args.address)
         check_cluster_resources(scaling)
     except ClusterTooSmall as err:
         raise SystemExit(f"error: one trial does not fit: {err}") from None
+    except ClusterAddressError as err:
+        raise SystemExit(f"error: {err}") from None
     concurrent = saved_args.max_concurrent or max_concurrent_trials(scaling)
 
     tracker = None
@@ -288,7 +296,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.summary_json:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps(summary, indent=2, default=str))
+    if best is None:  # nothing trained to a score: the sweep failed, whatever Tune says
+        raise SystemExit(f"error: sweep {request['name']}: {no_result_reason(rows)}")
     return summary
+
+
+def no_result_reason(rows: list[dict[str, Any]]) -> str:
+    """Why no trial has a score: the first failed trial's error, or what happened to them all."""
+    for row in rows:
+        if row["status"] in ("error", "invalid"):
+            return (f"all {len(rows)} trial(s) failed; the first, {row['trial_id']} ({row['status']}): "
+                    f"{row.get('error') or 'see its log'}")
+    counts = {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})}
+    if counts.get("skipped") == len(rows):
+        return f"all {len(rows)} trial(s) were skipped by --min-prior-recall; lower it or widen the prior space"
+    return f"no trial reached a validation score ({counts or 'no trials ran'})"
 
 
 def _interrupted_marker(signum: int, frame: Any) -> None:
@@ -325,12 +347,15 @@ def _close_children(tracker: Tracker, rows: list[dict[str, Any]]) -> None:
 
 
 def print_summary(summary: dict[str, Any], searched: list[str]) -> None:
+    from ssd.distributed.tune import NO_SCORE
+
     print(f"\nsweep {summary['name']} done in {summary['seconds']:.0f} s: {summary['trials']} trials, "
           f"{summary['trial_epochs']} of {summary['full_budget_epochs']} trial-epochs trained; {summary['by_status']}")
     for row in sorted(summary["rows"], key=lambda r: -r["best_mAP"]):
         values = ", ".join(f"{k}={json.dumps(row.get(k))}" for k in searched)
-        print(f"  {row['trial_id']:>12}  {row['status']:<13} epochs {row['epochs']}  best mAP {row['best_mAP']:.4f}  "
-              f"{values}")
+        score = f"{row['best_mAP']:.4f}" if row["best_mAP"] > NO_SCORE else "n/a   "
+        print(f"  {row['trial_id']:>12}  {row['status']:<13} epochs {row['epochs']}  best mAP {score}  {values}"
+              + (f"  ({row['error']})" if row.get("error") else ""))
     if summary.get("best_config"):
         print(f"best config: {summary['best_config']}  (python pipelines/train.py --config {summary['best_config']})")
 

@@ -17,6 +17,9 @@ from torch import Tensor
 DEFAULT_VARIANCES: tuple[float, float] = (0.1, 0.2)
 
 
+#: the keys of a target dict that hold one entry per object (box); the rest are per image
+PER_OBJECT_KEYS: tuple[str, ...] = ("boxes", "labels", "difficult", "iscrowd", "truncated")
+
 def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     """(..., 4) x1,y1,x2,y2 -> (..., 4) cx,cy,w,h."""
     x1, y1, x2, y2 = boxes.unbind(-1)

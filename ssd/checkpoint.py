@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
+import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +30,21 @@ import torch
 import yaml
 from torch import nn
 
-from ssd.config import Config, config_from_dict
+from ssd.config import Config, ConfigError, config_from_dict
 
 FORMAT_VERSION = 1
 #: what a model needs to be rebuilt for inference; ``training.pt`` (optimizer state: as large as
 #: the model again) only matters for resuming
 INFERENCE_FILES = ("model.pt", "meta.json", "config.yaml")
+#: the keys of ``training.pt``
+TRAINING_STATES = ("optimizer", "scheduler", "scaler", "rng")
+
+
+class CheckpointError(ValueError):
+    """A file of a checkpoint folder that this project did not write (corrupt, foreign or crafted).
+
+    A ValueError, as before: callers that catch ValueError around ``load_checkpoint`` still do.
+    """
 
 
 @dataclass
@@ -118,22 +131,32 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint directory written by ``save_checkpoint`` (weights only, no pickled code)."""
+    """Read a checkpoint directory written by ``save_checkpoint`` (weights only, no pickled code).
+
+    Raises FileNotFoundError when a file is missing, CheckpointError (a ValueError) with a
+    one-line message naming the file when one is not what ``save_checkpoint`` writes.
+    """
     path = Path(path)
     missing = [name for name in INFERENCE_FILES if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
-    meta = json.loads((path / "meta.json").read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path / 'meta.json'}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
-    training: dict[str, Any] = {"optimizer": None, "scheduler": None, "scaler": None, "rng": None}
+    meta = _read_meta(path / "meta.json")
+    training: dict[str, Any] = dict.fromkeys(TRAINING_STATES)
     if (path / "training.pt").is_file():  # absent from an inference copy (``inference_copy``)
-        training = torch.load(path / "training.pt", map_location=map_location, weights_only=True)
+        training = _torch_load(path / "training.pt", map_location)
+        if not isinstance(training, dict) or not set(training) >= set(TRAINING_STATES):
+            raise CheckpointError(f"{path / 'training.pt'}: not a checkpoint of this project "
+                                  f"(not a dict of {', '.join(TRAINING_STATES)})")
+    model = _torch_load(path / "model.pt", map_location)
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise CheckpointError(f"{path / 'model.pt'}: not a checkpoint of this project "
+                              "(not a state dict of tensors)")
+    config = _read_config(path / "config.yaml")
     return Checkpoint(
-        model=torch.load(path / "model.pt", map_location=map_location, weights_only=True),
+        model=model,
         epoch=meta["epoch"],
         step=meta["step"],
-        config=config_from_dict(yaml.safe_load((path / "config.yaml").read_text())),
+        config=config,
         classes=meta["classes"],
         optimizer=training["optimizer"],
         scheduler=training["scheduler"],
@@ -142,6 +165,76 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         metrics=meta["metrics"],
         extra=meta.get("extra", {}),
     )
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{file}: not a checkpoint of this project (not JSON)") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file}: not a checkpoint of this project (not a JSON object)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}"
+        )
+    missing = [key for key in ("epoch", "step", "classes", "metrics") if key not in meta]
+    if missing:
+        raise CheckpointError(f"{file}: not a checkpoint of this project (no {', '.join(missing)})")
+    return meta
+
+
+def _read_config(file: Path) -> Config:
+    try:
+        data = yaml.safe_load(file.read_text())
+    except (UnicodeDecodeError, yaml.YAMLError):
+        raise CheckpointError(f"{file}: not a checkpoint of this project (not YAML)") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: not a checkpoint of this project (not a YAML mapping)")
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:  # e.g. a value that a newer version of ssd.config refuses
+        raise CheckpointError(f"{file}: {err}") from None
+
+
+def _torch_load(file: Path, map_location: str | torch.device) -> Any:
+    """``torch.load(weights_only=True)``, with a one-line CheckpointError for a file it refuses.
+
+    The weights-only unpickler never runs code from the file. What it refuses (a pickle naming a
+    function or class, random bytes, a zip that is no torch archive, a truncated file) comes out
+    of torch as a 20-line UnpicklingError, or a RuntimeError, EOFError, KeyError, OSError...
+    """
+    try:
+        with warnings.catch_warnings():
+            # "Detected pickle protocol 4 in the checkpoint": noise before the refusal below
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(file, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, PermissionError):
+        raise  # about the file system, not the content
+    except pickle.UnpicklingError as err:
+        reason = f"unsupported pickle content, refused by the weights only loader{_detail(err)}"
+    except RuntimeError as err:
+        if "deserialize object on" in str(err):
+            raise  # not about the file: a CUDA map_location on a machine without that device
+        reason = f"not a torch file{_detail(err)}"
+    except (EOFError, KeyError, IndexError, ValueError, TypeError, AttributeError, OSError,
+            struct.error, AssertionError) as err:
+        # what torch's readers raise on other content they cannot parse (found by fuzzing)
+        reason = f"not a torch file: {type(err).__name__}{_detail(err)}"
+    raise CheckpointError(f"{file}: not a checkpoint of this project ({reason})")
+
+
+def _detail(err: BaseException) -> str:
+    """': <what torch says is wrong, in one short line>', or '' if it says nothing."""
+    text = str(err)
+    # The weights-only refusal buries its reason among advice: after "WeightsUnpickler error:",
+    # or on the line that names the refused GLOBAL.
+    _, marker, after = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (after if marker else text).splitlines() if line.strip()]
+    line = ([line for line in lines if "GLOBAL" in line] or lines or [""])[0]
+    line = re.sub(r"^\[enforce fail at [^]]*\][\s.]*", "", line)  # a C++ assertion's location
+    line = line.split(". ")[0].rstrip(".")[:160]  # the first sentence
+    return f": {line}" if line else ""
 
 
 def inference_copy(src: str | Path, dst: str | Path) -> Path:

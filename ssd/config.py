@@ -8,6 +8,11 @@ known keys, never a silent no-op (nanoGPT-style configs, but without ``exec``).
 
 The ``priors`` section is a :class:`~ssd.priors.PriorSpec`: ``preset: NAME`` picks a named spec and
 any other field overrides it.
+
+Every field is type- and range-checked when its section is built (``ssd.priors.check_fields``), so
+a bad value fails here, not inside a training worker, with a one-line ConfigError that names the
+key, the value and what is allowed: ``optim.lr must be a number >= 0, got 'abc'``. A number-like
+string is taken as the number: PyYAML reads ``1e-3`` (no dot) as a string.
 """
 
 from __future__ import annotations
@@ -21,13 +26,32 @@ from typing import Any
 import yaml
 
 from ssd.postprocess import PostprocessConfig
-from ssd.priors import PriorSpec, PriorSpecError
+from ssd.priors import (
+    Bool,
+    Int,
+    Maybe,
+    Num,
+    OneOf,
+    PriorSpec,
+    PriorSpecError,
+    Seq,
+    Str,
+    check_fields,
+)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key."""
+
+
+def _architectures() -> tuple[str, ...]:
+    # Imported when a ModelConfig is built, not at the top: ssd.models imports this module. By
+    # then both are loaded (this module builds no ModelConfig while importing), and it is cheap.
+    from ssd.models import ARCHITECTURES
+
+    return ARCHITECTURES
 
 
 @dataclass(frozen=True)
@@ -41,6 +65,15 @@ class ModelConfig:
     #: channel multiplier of the MobileNet / tiny backbones
     width_mult: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_fields(
+            self, "model", ConfigError,
+            arch=OneOf(_architectures()),
+            num_classes=Int(">= 2"),  # the background and at least one object class
+            backbone_weights=Maybe(Str()),
+            width_mult=Num("> 0"),
+        )
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -52,6 +85,19 @@ class LossConfig:
     iou_threshold: float = 0.5
     variances: tuple[float, float] = (0.1, 0.2)
 
+    def __post_init__(self) -> None:
+        check_fields(
+            self, "loss", ConfigError,
+            # 0 is refused: without negatives the classifier never sees the background class and
+            # learns to call every prior an object (the ablation "no mining" is a large ratio).
+            neg_ratio=Num("> 0"),
+            loc_weight=Num(">= 0"),  # 0: classification only, a meaningful ablation
+            # 0 would match every prior to some box; 1 only exact copies (the forced best match
+            # per box still applies)
+            iou_threshold=Num("(0, 1]"),
+            variances=Seq(Num("> 0"), length=2),  # the encoding divides by them
+        )
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -59,6 +105,20 @@ class AugmentConfig:
     strength: float = 1.0
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self, "augment", ConfigError,
+            strength=Num("[0, 1]"),
+            # RGB statistics in [0, 1] units (ssd.transforms divides pixels by 255 first): the
+            # ranges refuse 0-255 values such as Caffe's (104, 117, 123)
+            mean=Seq(Num("[0, 1]"), length=3),
+            std=Seq(Num("(0, 1]"), length=3),
+        )
+
+
+#: the LR schedules ``ssd.engine.lr_factor`` implements
+SCHEDULES = ("multistep", "cosine")
 
 
 @dataclass(frozen=True)
@@ -75,6 +135,21 @@ class OptimConfig:
     #: max gradient norm; 0 disables clipping
     grad_clip: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_fields(
+            self, "optim", ConfigError,
+            # 0 is allowed: a run that keeps its initial weights (tests/test_transfer.py checks
+            # that a run starts from the given state this way)
+            lr=Num(">= 0"),
+            momentum=Num("[0, 1)"),  # SGD's momentum; 1 never forgets a gradient
+            weight_decay=Num(">= 0"),
+            warmup_iters=Int(">= 0"),
+            schedule=OneOf(SCHEDULES),
+            milestones=Seq(Num("(0, 1)"), increasing=True),
+            gamma=Num("(0, 1]"),  # the LR factor at each milestone: 1 keeps it constant
+            grad_clip=Num(">= 0"),
+        )
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -88,6 +163,18 @@ class TrainConfig:
     #: NHWC activations: faster convolutions on GPUs and on this CPU (VGG16-SSD300 1.19x, tiny
     #: 1.29x for a training step, measured with oneDNN in torch 2.14)
     channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self, "train", ConfigError,
+            epochs=Int(">= 1"),
+            batch_size=Int(">= 1"),
+            seed=Int("[0, 4294967295]"),  # 32 bits: what every seeding API accepts
+            eval_every=Int(">= 1"),
+            # more than train.epochs is allowed: the backbone then stays frozen for the whole run
+            freeze_backbone_epochs=Int(">= 0"),
+            channels_last=Bool(),
+        )
 
 
 @dataclass(frozen=True)
@@ -154,6 +241,7 @@ def _coerce(cls: type, values: dict[str, Any], section: str) -> Any:
             f"unknown key(s) {[f'{section}.{k}' for k in unknown]}; "
             f"known keys in '{section}': {sorted(_field_names(cls))}"
         )
+    # The section's __post_init__ checks every value and raises ConfigError naming the key.
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
         return cls(**kwargs)
@@ -186,7 +274,9 @@ def _resolve_priors(values: dict[str, Any]) -> PriorSpec:
         base["name"] = preset if not values else f"{preset}+custom"
     try:
         return PriorSpec.from_dict(base)
-    except (PriorSpecError, TypeError) as err:
+    except PriorSpecError as err:  # already names the key: "priors.s_min must be ..."
+        raise ConfigError(str(err)) from None
+    except TypeError as err:  # e.g. a required field missing
         raise ConfigError(f"invalid 'priors' section: {err}") from None
 
 
@@ -226,7 +316,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         data.setdefault(section, {})
         if data[section] is None:
             data[section] = {}
-        data[section][name] = yaml.safe_load(raw)
+        try:
+            data[section][name] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:  # e.g. "optim.milestones=[0.5,": one line, not YAML's five
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ConfigError(f"override {item!r}: the value is not YAML ({problem})") from None
     return data
 
 

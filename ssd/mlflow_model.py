@@ -21,11 +21,13 @@ A ``torch_model`` (``mlflow.pytorch`` flavour, ``serialization_format="pickle"``
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,25 +203,53 @@ def log_ssd_model(
     """
     checkpoint_dir = Path(checkpoint_dir)
     detector = Detector.from_checkpoint(checkpoint_dir)  # a broken checkpoint fails before logging
+    with _tracking_uri(tracking_uri):
+        result = _log(detector, run_id, tracking_uri, checkpoint_dir, torch_flavour)
+        if register_as:
+            result["registered_name"] = register_as
+            result["version"] = _register(result["model_uri"], register_as, run_id, version_tags)
+    return result
+
+
+def register_ssd_model(
+    tracking_uri: str,
+    model_uri: str,
+    name: str,
+    run_id: str,
+    version_tags: dict[str, str] | None = None,
+) -> str:
+    """Register a model logged by :func:`log_ssd_model` (its ``model_uri``) as a new version of
+    ``name``, with ``version_tags`` plus ``run_id``; the version number. The second half of
+    ``log_ssd_model(..., register_as=name)``, for callers that retry the two halves apart."""
+    with _tracking_uri(tracking_uri):
+        return _register(model_uri, name, run_id, version_tags)
+
+
+@contextlib.contextmanager
+def _tracking_uri(tracking_uri: str) -> Iterator[None]:
+    # mlflow.register_model and the fluent logging API take the process-wide URI.
     # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI to this process, which would
     # redirect a later ``resolve_tracking_uri()``: restore both afterwards (public API only:
     # set_tracking_uri(X) always leaves the variable at X, so it tells the previous state).
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        return _log_and_register(detector, run_id, tracking_uri, checkpoint_dir, register_as,
-                                 version_tags, torch_flavour)
+        yield
     finally:
         mlflow.set_tracking_uri(previous)  # None unsets both
 
 
-def _log_and_register(
+def _register(model_uri: str, name: str, run_id: str, version_tags: dict[str, str] | None) -> str:
+    tags = {**(version_tags or {}), "run_id": run_id}
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    return str(version.version)
+
+
+def _log(
     detector: Detector,
     run_id: str,
     tracking_uri: str,
     checkpoint_dir: Path,
-    register_as: str | None,
-    version_tags: dict[str, str] | None,
     torch_flavour: bool,
 ) -> dict[str, Any]:
     import mlflow.pytorch
@@ -273,10 +303,4 @@ def _log_and_register(
                 # Pops the fluent run, ending it with its previous status instead of FINISHED
                 # (what leaving ``with mlflow.start_run(...)`` would set).
                 mlflow.end_run(status=status)
-    if register_as:
-        tags = {**(version_tags or {}), "run_id": run_id}
-        version = mlflow.register_model(result["model_uri"], register_as,
-                                        tags={k: str(v) for k, v in tags.items()})
-        result["registered_name"] = register_as
-        result["version"] = str(version.version)
     return result

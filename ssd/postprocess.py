@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, nms
 
 from ssd.boxes import DEFAULT_VARIANCES, box_iou, decode
+from ssd.priors import Int, Num, OneOf, check_fields
 
 NMS_METHODS = ("nms", "soft_linear", "soft_gaussian")
 
@@ -42,8 +42,18 @@ class PostprocessConfig:
     soft_sigma: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.method not in NMS_METHODS:
-            raise ValueError(f"postprocess.method must be one of {NMS_METHODS}, got {self.method!r}")
+        # imported here: ssd.config imports this module (and never builds one while importing)
+        from ssd.config import ConfigError
+
+        check_fields(
+            self, "postprocess", ConfigError,
+            score_threshold=Num("[0, 1)"),  # 0 keeps every detection with a non-zero score
+            nms_iou=Num("(0, 1]"),  # 1 suppresses nothing
+            top_k=Int(">= 1"),
+            pre_nms_top_k=Int(">= 0"),
+            method=OneOf(NMS_METHODS),
+            soft_sigma=Num("> 0"),
+        )
 
 
 def postprocess(
@@ -111,6 +121,10 @@ def _candidates(
 
 def _grouped_nms(box: Tensor, score: Tensor, group: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS within each group; returns the kept indices (in no particular order)."""
+    # imported here: torchvision's import (~1.3 s) would make every script that only reads a
+    # config slow to start, and slow to fail on a trivial error
+    from torchvision.ops import batched_nms, nms
+
     if box.numel() <= 4000 or box.device.type != "cpu":
         # Small inputs, or a GPU: batched_nms's single call with offset coordinates is fastest.
         return batched_nms(box, score, group, iou_threshold)

@@ -1,5 +1,6 @@
 """The MLflow model registry as a hand-off between runs: resolve model references, download the
-checkpoint a registered model carries, and move the ``champion`` alias only to a better model.
+checkpoint a registered model carries, and move the ``champion`` alias only to a better model
+(:func:`apply_champion_rule`, the one rule every pipeline that registers a model follows).
 
 A *model reference* is what the pipelines' ``--model`` / ``--init-from`` flags take:
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,11 +165,17 @@ class Promotion:
 
 
 def current_champion(client: mlflow.MlflowClient, name: str, alias: str = CHAMPION) -> Any | None:
-    """The version ``name@alias`` points at, or None (no alias yet)."""
+    """The version ``name@alias`` points at, or None (no such model or alias yet).
+
+    Raises MlflowException when the registry cannot answer (unreachable, 5xx): reading that as
+    "no champion" would promote any newcomer.
+    """
     try:
         return client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as err:
+        if err.get_http_status_code() >= 500:
+            raise
+        return None  # RESOURCE_DOES_NOT_EXIST (no model) or INVALID_PARAMETER_VALUE (no alias)
 
 
 def promote_if_better(
@@ -217,3 +225,69 @@ def promote_if_better(
     if promoted:
         client.set_registered_model_alias(name, alias, str(version))
     return result
+
+
+def champion_score(
+    client: mlflow.MlflowClient,
+    champion: Any,
+    val_data: str | None,
+    val_data_hash: str,
+    *,
+    device: str = "cpu",
+    say: Callable[[str], None] = print,
+) -> tuple[float, str]:
+    """The champion's mAP on the candidate's validation shards, and where it came from.
+
+    Its recorded mAP (version tags ``mAP`` and ``val_data_hash``) when it was measured on the
+    same shards (same content hash); else the champion is downloaded and evaluated on
+    ``val_data`` now (``ssd.scoring.evaluate_checkpoint``). A champion that cannot be scored on
+    them (other classes) scores -inf: it cannot be compared, so the candidate wins.
+    """
+    tags = champion.tags or {}
+    if tags.get("val_data_hash") and tags.get("val_data_hash") == val_data_hash and SCORE_TAG in tags:
+        return float(tags[SCORE_TAG]), "recorded on the same validation shards"
+    if not val_data:
+        raise ValueError(f"{champion.name} v{champion.version}'s mAP is on other validation data, and no "
+                         "validation shards were given to evaluate it on")
+    from ssd.scoring import evaluate_checkpoint
+
+    say(f"evaluating {champion.name} v{champion.version} on {val_data}: its recorded mAP is on other data")
+    with tempfile.TemporaryDirectory(prefix="ssd-champion-") as tmp:
+        model = resolve_model(f"models:/{champion.name}/{champion.version}", client.tracking_uri, dst=tmp)
+        try:
+            result = evaluate_checkpoint(model.checkpoint, val_data, device=device)
+        except ValueError as err:  # e.g. other classes
+            say(f"warning: cannot evaluate the champion on {val_data}: {err}")
+            return float("-inf"), f"not comparable ({err})"
+    return float(result["AP"]), "evaluated on the same validation shards now"
+
+
+def apply_champion_rule(
+    client: mlflow.MlflowClient,
+    name: str,
+    version: str,
+    score: float,
+    val_data: str | None,
+    val_data_hash: str,
+    *,
+    alias: str = CHAMPION,
+    device: str = "cpu",
+    say: Callable[[str], None] = print,
+) -> Promotion:
+    """The one rule for the ``champion`` alias, for every pipeline that registers a model.
+
+    A first version becomes champion. A later one takes the alias only if its ``score`` (mAP on
+    the validation shards ``val_data`` with content hash ``val_data_hash``) is strictly better
+    than the champion's on the same shards (:func:`champion_score`). The comparison is recorded on
+    the version either way (tag ``champion_comparison``).
+    """
+    champion = current_champion(client, name, alias)
+    if champion is not None and str(champion.version) == str(version):
+        recorded = (champion.tags or {}).get(COMPARISON_TAG)
+        if recorded:  # decided by an earlier attempt (e.g. interrupted before the run ended)
+            return Promotion(**json.loads(recorded))
+    previous, how = None, None
+    if champion is not None and str(champion.version) != str(version):
+        previous, how = champion_score(client, champion, val_data, val_data_hash, device=device, say=say)
+    return promote_if_better(client, name, str(version), score, previous, alias=alias, champion=champion,
+                             champion_score_source=how)

@@ -50,9 +50,15 @@ class Param:
     args: tuple[Any, ...]
 
     def edge_values(self) -> list[Any]:
-        """Values checked against the config when the space is loaded."""
+        """Values checked against the config when the space is loaded: the bounds, each choice.
+
+        Every numeric range of the config is an interval, so valid bounds make every value in
+        between valid too. A continuous distribution also gets the float just above its low
+        bound: its draws have fractions, which an integer key (``train.epochs``) refuses.
+        """
         if self.kind in ("uniform", "loguniform"):
-            return [self.args[0], self.args[1]]
+            low, high = self.args
+            return [low, math.nextafter(low, high), high]
         if self.kind == "randint":
             return [self.args[0], self.args[1] - 1]
         return list(self.args)
@@ -114,6 +120,10 @@ class SearchSpace:
                 try:
                     config_from_dict(apply_overrides(with_fixed, _overrides({key: value})))
                 except ConfigError as err:
+                    if value not in param.args:  # the fractional draw of uniform / loguniform
+                        raise SpaceError(f"{self.source}: {key}: {param.kind} draws fractional values such as "
+                                         f"{value!r}, which give no valid config (use randint for an integer): "
+                                         f"{err}") from None
                     raise SpaceError(f"{self.source}: {key}: the value {value!r} gives no valid config: {err}") from None
 
     def grid_points(self) -> list[dict[str, Any]]:

@@ -1,9 +1,9 @@
 """MLflow tracking for world rank 0: a thin wrapper whose failures never stop training.
 
-Where runs go: ``--mlflow-uri`` if given, else ``$MLFLOW_TRACKING_URI``, else a SQLite store and
-an artifact folder at a fixed absolute place (``~/.cache/ssd-ray/mlflow``, or
-``$SSD_MLFLOW_HOME``): the same place however and from wherever a job is submitted, and the same
-store ``infra/local/start.sh`` serves (MLflow 3.17's own default is a ``mlflow.db`` in the
+Where runs go: ``--mlflow-uri`` if given, else ``$MLFLOW_TRACKING_URI``, else the MLflow server
+``make up`` runs on this machine, else a SQLite store and an artifact folder at a fixed absolute
+place (``~/.cache/ssd-ray/mlflow``, or ``$SSD_MLFLOW_HOME``): the same place however and from
+wherever a job is submitted, and the same store ``infra/local/start.sh`` serves (MLflow 3.17's own default is a ``mlflow.db`` in the
 current directory, which moves with a Ray job's working dir).
 
 MLflow being unreachable must not lose a training run: every call is guarded; the first failure
@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ssd.local_state import running_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +33,33 @@ def mlflow_home() -> Path:
     return Path(os.environ.get(DEFAULT_HOME_ENV, Path.home() / ".cache" / "ssd-ray" / "mlflow")).expanduser().resolve()
 
 
-def resolve_tracking_uri(cli_uri: str | None = None) -> str:
-    """``cli_uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<mlflow_home()>/mlflow.db``."""
+def resolve_tracking_uri(cli_uri: str | None = None, *, announce: bool = True) -> str:
+    """``cli_uri`` > ``$MLFLOW_TRACKING_URI`` > the MLflow server ``make up`` runs (its state
+    folder, ``ssd.local_state``) > ``sqlite:///<mlflow_home()>/mlflow.db``.
+
+    The server comes before the SQLite file it serves: a script that wrote the file directly
+    while the server runs would be read by nobody, and registry downloads (``models:/``) need the
+    server's artifact proxy. With ``announce``, an implicit choice (neither of the first two) is
+    named on stderr once per process, so a user sees which store was used.
+    """
     if cli_uri:
         return cli_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    home = mlflow_home()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
+    server = running_mlflow()
+    if server is not None:
+        uri, why = server.tracking_uri, f"the server `make up` started (state {server.state})"
+    else:
+        home = mlflow_home()
+        home.mkdir(parents=True, exist_ok=True)
+        uri, why = f"sqlite:///{home / 'mlflow.db'}", "a local SQLite store; `make up` serves it with a UI"
+    if announce and uri not in _announced:
+        _announced.add(uri)
+        print(f"MLflow: {uri} ({why}; no --mlflow-uri or MLFLOW_TRACKING_URI given)", file=sys.stderr, flush=True)
+    return uri
+
+
+_announced: set[str] = set()
 
 
 class Tracker:
@@ -163,6 +184,29 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._guard("log an artifact", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
-    def end(self, status: str = "FINISHED") -> None:
-        """Close the run (``FINISHED``, ``FAILED`` or ``KILLED``): never leave it RUNNING."""
-        self._guard("end the run", lambda: self._client.set_terminated(self.run_id, status))
+    def end(self, status: str = "FINISHED", *, retry_for: float | None = None) -> bool:
+        """Close the run (``FINISHED``, ``FAILED`` or ``KILLED``): never leave it RUNNING.
+
+        Args:
+            retry_for: None: one guarded call like every other (a no-op once tracking is off).
+                Seconds: the last word of a process, tried even after an earlier failure turned
+                tracking off (the server may be back), retried with backoff while MLflow is
+                unreachable, for at most that long (``ssd.publish.retry``).
+        Returns:
+            True if the run was ended.
+        """
+        if retry_for is None:
+            self._guard("end the run", lambda: self._client.set_terminated(self.run_id, status))
+            return self.active
+        if not self.enabled or self.run_id is None:  # no run was ever created: nothing to end
+            return False
+        from ssd.publish import retry
+
+        try:
+            retry(lambda: self._client.set_terminated(self.run_id, status), deadline=time.monotonic() + retry_for,
+                  what=f"end run {self.run_id} as {status}")
+        except Exception as err:  # noqa: BLE001 - reported; the caller is on its way out
+            log.warning("MLflow at %s: could not end run %s as %s within %.0f s (%s); it stays RUNNING",
+                        self.uri, self.run_id, status, retry_for, err)
+            return False
+        return True

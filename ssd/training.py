@@ -18,13 +18,14 @@ would have.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,34 @@ SCORE = "mAP"
 #: null in its checkpoint snapshot, and a resumed run then fails comparing None scores.
 NOT_EVALUATED = -1.0
 
+
+
+class PermanentError(Exception):
+    """A failure that restarting the workers cannot fix (a config or data error): the run ends
+    at once instead of being retried (``ssd.distributed.failures``). Raise it, or a subclass,
+    for any error that is certain to repeat."""
+
+
+class PermanentValueError(PermanentError, ValueError):
+    """A permanent ``ValueError`` (bad config or data values): still caught as a ValueError."""
+
+
+#: errors of the setup (config, data, checkpoint) that a restart would only repeat
+SETUP_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def errors_are_permanent(what: str) -> Iterator[None]:
+    """Re-raise ``SETUP_ERRORS`` raised inside as ``PermanentError`` naming ``what``."""
+    try:
+        yield
+    except PermanentError:
+        raise
+    except SETUP_ERRORS as err:
+        kind = PermanentValueError if isinstance(err, ValueError) else PermanentError
+        raise kind(f"{what}: {type(err).__name__}: {err}") from err
+
+
 SaveFn = Callable[[Path], None]
 ReportFn = Callable[[dict[str, Any], SaveFn | None], None]
 
@@ -73,7 +102,8 @@ class RunOptions:
     #: validation images drawn with their detections at each evaluation (rank 0's first batch)
     sample_images: int = 8
     #: "EPOCH:STEP[:RANK]": that rank exits abruptly at that step (1-based), once - only in a run
-    #: that did not start from a checkpoint. For testing fault tolerance.
+    #: that did not start from a checkpoint; "setup": every rank finds a (simulated) data error
+    #: before its first step. For testing fault tolerance.
     inject_failure: str | None = None
 
 
@@ -96,7 +126,7 @@ def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def _parse_failure(spec: str | None) -> tuple[int, int, int] | None:
-    if not spec:
+    if not spec or spec == "setup":
         return None
     parts = spec.split(":")
     try:
@@ -331,45 +361,46 @@ def run_training(
     device = torch.device(device)
     rank, world = _world()
     failure = _parse_failure(options.inject_failure)
-    train_set, val_set = ShardSet.open(options.train_data), ShardSet.open(options.val_data)
-    if list(train_set.classes) != list(val_set.classes):
-        raise ValueError(f"train and validation shards have different classes: {list(train_set.classes)} "
-                         f"vs {list(val_set.classes)}")
-    if cfg.model.num_classes != train_set.num_classes:
-        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but the shards have "
-                         f"{len(train_set.classes)} classes + background = {train_set.num_classes}")
-    epochs = cfg.train.epochs
-    if resume is not None and resume.epoch > epochs:
-        raise ValueError(f"the checkpoint is at epoch {resume.epoch}, past train.epochs={epochs}")
-    if cfg.train.freeze_backbone_epochs < 0:
-        raise ValueError(f"train.freeze_backbone_epochs must be >= 0, got {cfg.train.freeze_backbone_epochs}")
+    with errors_are_permanent("before the first step"):
+        if options.inject_failure == "setup":
+            raise ValueError(f"injected data error (inject_failure=setup) on rank {rank}")
+        train_set, val_set = ShardSet.open(options.train_data), ShardSet.open(options.val_data)
+        if list(train_set.classes) != list(val_set.classes):
+            raise ValueError(f"train and validation shards have different classes: {list(train_set.classes)} "
+                             f"vs {list(val_set.classes)}")
+        if cfg.model.num_classes != train_set.num_classes:
+            raise ValueError(f"model.num_classes is {cfg.model.num_classes} but the shards have "
+                             f"{len(train_set.classes)} classes + background = {train_set.num_classes}")
+        epochs = cfg.train.epochs
+        if resume is not None and resume.epoch > epochs:
+            raise ValueError(f"the checkpoint is at epoch {resume.epoch}, past train.epochs={epochs}")
 
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    amp_dtype = amp_dtype_for(options.amp, device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = build_model(cfg)
-    if init_state is not None and resume is None:
-        model.load_state_dict(init_state)
-    model = model.to(device=device, memory_format=memory_format)
-    start_epoch = resume.epoch if resume is not None else 0
-    freeze = _BackboneFreeze(model, cfg.train.freeze_backbone_epochs, device)
-    freeze.set_epoch(start_epoch)
-    model = freeze.wrap()
-    optimizer = build_optimizer(model, cfg.optim)
-    # normalize=False: loaders hand over uint8 batches; the trainer normalises them on the device
-    train_tf = build_transform(cfg.priors.image_size, cfg.augment.strength, train=True, mean=cfg.augment.mean,
-                               normalize=False)
-    train_loader = ShardLoader(
-        ShardStream(train_set, train_tf, train=True, rank=rank, world_size=world, seed=cfg.train.seed),
-        cfg.train.batch_size, num_workers=options.loader_workers, pin_memory=device.type == "cuda")
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{options.train_data}: {train_set.num_samples} training samples over {world} ranks "
-                         f"do not fill one batch of {cfg.train.batch_size} per rank")
-    scheduler = build_scheduler(optimizer, cfg.optim, epochs * steps_per_epoch)
-    trainer = Trainer(model, cfg, optimizer, scheduler, device, amp_dtype)
-    trainer.frozen = freeze.frozen_module()
-    evaluation = _Evaluation(cfg, val_set, device, cfg.train.batch_size)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        amp_dtype = amp_dtype_for(options.amp, device)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        model = build_model(cfg)
+        if init_state is not None and resume is None:
+            model.load_state_dict(init_state)
+        model = model.to(device=device, memory_format=memory_format)
+        start_epoch = resume.epoch if resume is not None else 0
+        freeze = _BackboneFreeze(model, cfg.train.freeze_backbone_epochs, device)
+        freeze.set_epoch(start_epoch)
+        model = freeze.wrap()
+        optimizer = build_optimizer(model, cfg.optim)
+        # normalize=False: loaders hand over uint8 batches; the trainer normalises them on the device
+        train_tf = build_transform(cfg.priors.image_size, cfg.augment.strength, train=True, mean=cfg.augment.mean,
+                                   normalize=False)
+        train_loader = ShardLoader(
+            ShardStream(train_set, train_tf, train=True, rank=rank, world_size=world, seed=cfg.train.seed),
+            cfg.train.batch_size, num_workers=options.loader_workers, pin_memory=device.type == "cuda")
+        steps_per_epoch = len(train_loader)
+        if steps_per_epoch == 0:
+            raise ValueError(f"{options.train_data}: {train_set.num_samples} training samples over {world} ranks "
+                             f"do not fill one batch of {cfg.train.batch_size} per rank")
+        scheduler = build_scheduler(optimizer, cfg.optim, epochs * steps_per_epoch)
+        trainer = Trainer(model, cfg, optimizer, scheduler, device, amp_dtype)
+        trainer.frozen = freeze.frozen_module()
+        evaluation = _Evaluation(cfg, val_set, device, cfg.train.batch_size)
 
     best = NOT_EVALUATED
     if resume is not None:

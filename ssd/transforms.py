@@ -43,7 +43,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from ssd.boxes import box_iou, clip_boxes
+from ssd.boxes import PER_OBJECT_KEYS, box_iou, clip_boxes
 
 Target = dict[str, Any]
 TransformFn = Callable[[Tensor, Target], tuple[Tensor, Target]]
@@ -53,7 +53,6 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: Target keys holding one entry per object; they are filtered together whenever boxes are dropped.
-PER_OBJECT_KEYS: tuple[str, ...] = ("boxes", "labels", "difficult", "iscrowd", "truncated")
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,50 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float) -> bool:
             time.sleep(0.3)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_user_services(tmp_path_factory):
+    """Tests never attach to the user's `make up` services or to a cluster in RAY_ADDRESS: the
+    scripts look for start.sh's state in SSD_LOCAL_STATE (ssd.local_state), here an empty folder,
+    unless a test names its own (the `services` fixture)."""
+    saved = {k: os.environ.get(k) for k in ("SSD_LOCAL_STATE", "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    os.environ["SSD_LOCAL_STATE"] = str(tmp_path_factory.mktemp("no-local-services"))
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        os.environ.pop(key, None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def start_local_services(root: Path, free_port, **settings: str) -> dict:
+    """infra/local/start.sh with its state under ``root`` on free loopback ports; returns the
+    addresses, the state folder and ``env``: what a client of these services needs (the token
+    exports start.sh prints included). Stop them with ``stop_local_services(env)``."""
+    ports = {name: str(free_port()) for name in
+             ("RAY_PORT", "RAY_DASHBOARD_PORT", "RAY_CLIENT_PORT", "RAY_AGENT_PORT", "MLFLOW_PORT")}
+    state = root / "state"
+    env = {**os.environ, **ports, "PYTHON": sys.executable, "SSD_LOCAL_STATE": str(state),
+           "SSD_MLFLOW_HOME": str(root / "mlflow"), "RAY_NUM_CPUS": "2", "RAY_OBJECT_STORE_MB": "256", **settings}
+    for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(key, None)
+    started = subprocess.run([str(ROOT / "infra" / "local" / "start.sh")], env=env,
+                             capture_output=True, text=True, timeout=240, check=False)
+    if started.returncode != 0:
+        stop_local_services(env)
+        raise AssertionError(started.stdout + started.stderr)
+    client_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state / "auth_token")}
+    return {"env": client_env, "dashboard": f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}",
+            "gcs": f"127.0.0.1:{ports['RAY_PORT']}", "mlflow": f"http://127.0.0.1:{ports['MLFLOW_PORT']}",
+            "root": root, "state": state, "ports": ports, "start_output": started.stdout}
+
+
+def stop_local_services(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / "infra" / "local" / "stop.sh")], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """A function returning a free TCP port on 127.0.0.1 (for services a test starts)."""
@@ -63,24 +107,14 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory, free_port):
-    """infra/local/start.sh on free loopback ports: a Ray head (2 CPUs) and an MLflow server;
-    yields their addresses and the environment that reaches them, stops them after the module."""
-    root = tmp_path_factory.mktemp("services")
-    ports = {"RAY_PORT": free_port(), "RAY_DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port()}
-    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "PYTHON": sys.executable,
-           "SSD_LOCAL_STATE": str(root / "state"), "SSD_MLFLOW_HOME": str(root / "mlflow"),
-           "RAY_NUM_CPUS": "2", "RAY_OBJECT_STORE_MB": "256", "RAY_AUTH_MODE": "disabled"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    started = subprocess.run([str(ROOT / "infra" / "local" / "start.sh")], env=env, capture_output=True, text=True,
-                             timeout=240, check=False)
+    """infra/local/start.sh on free loopback ports: a Ray head (2 CPUs, token auth) and an MLflow
+    server; yields their addresses and the environment that reaches them (with the token), stops
+    them after the module."""
+    found = start_local_services(tmp_path_factory.mktemp("services"), free_port)
     try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}",
-               "mlflow": f"http://127.0.0.1:{ports['MLFLOW_PORT']}", "root": root}
+        yield found
     finally:
-        subprocess.run([str(ROOT / "infra" / "local" / "stop.sh")], env=env, capture_output=True, timeout=120,
-                       check=False)
+        stop_local_services(found["env"])
 
 
 #: the bucket :func:`s3_server` creates

@@ -10,7 +10,10 @@
 * every RayJob entrypoint names a script of the repo whose own `get_args_parser()` accepts its
   arguments, with a config, overrides and search space that load, and a `--workers` that equals
   the GPUs of its cluster (one Ray worker pod per GPU);
-* no committed file holds a password or secret key in plain text.
+* every Ray cluster (RayCluster, RayJob) runs with Ray's token auth through KubeRay's
+  `authOptions: {mode: token}`, nothing sets RAY_AUTH_* by hand or turns auth off, and
+  docs/cluster.md has users create the Secret KubeRay reads and submit with its token;
+* no committed file holds a password or secret key (a Ray token included) in plain text.
 
 Each check is a function returning what is wrong; every check is also run on a corrupted copy
 and must find the fault.
@@ -455,6 +458,136 @@ def committed_files() -> list[Path]:
     return [p for p in files if p.is_file()]
 
 
+# --------------------------------------------------------------------------------------------
+# Ray token authentication
+#
+# Ray 2.60 (ray/_private/authentication/): RAY_AUTH_MODE=token turns it on in the GCS, raylets,
+# agents and the dashboard; the token is RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else
+# ~/.ray/auth_token; HTTP clients send "Authorization: Bearer <token>" (401 without, 403 wrong), and
+# `ray job submit` sends it only when RAY_AUTH_MODE=token is in its own environment.
+# KubeRay 1.5.1: `authOptions: {mode: token}` makes the operator add RAY_AUTH_MODE=token and
+# RAY_AUTH_TOKEN (secretKeyRef: the Secret named after the RayCluster, key auth_token; created with a
+# random token when missing) to the head, workers, wait-gcs-ready init containers and a RayJob's
+# submitter, and send the token on its own dashboard calls (a RayJob's status). Variables set by
+# hand in the pod templates reach neither the submitter nor the operator: they are refused here.
+
+RAY_AUTH_ENV = frozenset({"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"})
+AUTH_TOKEN_KEY = "auth_token"      # KubeRay utils.RAY_AUTH_TOKEN_SECRET_KEY
+MIN_RAY_FOR_TOKEN_AUTH = "2.52.0"  # KubeRay refuses authOptions.mode token below it
+MIN_KUBERAY_FOR_AUTH = "1.5.1"     # the first KubeRay with authOptions
+AUTH_DISABLED = re.compile(r"RAY_AUTH_MODE['\"]?\s*[:=]\s*['\"]?disabled", re.IGNORECASE)
+
+
+def _version(text: Any) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", str(text))[:3])
+
+
+def kuberay_auth_secret(cluster_name: str) -> str:
+    """The Secret KubeRay 1.5.1 takes the token from: utils.CheckName(<RayCluster name>)."""
+    name = cluster_name[-50:]
+    return "r" + name[1:] if not name[0].isalpha() else name
+
+
+def _configmap_data() -> dict[str, dict[str, str]]:
+    return {o["metadata"]["name"]: {str(k): str(v) for k, v in (o.get("data") or {}).items()}
+            for _, o in objects_of("ConfigMap")}
+
+
+def ray_auth_errors(obj: dict[str, Any], configmaps: dict[str, dict[str, str]]) -> list[str]:
+    """What keeps a RayCluster/RayJob from running every Ray process with token auth: no
+    `authOptions.mode: token`, a Ray too old for it, or RAY_AUTH_* set by hand in a pod template
+    (env or an envFrom ConfigMap), where it would shadow or fight what KubeRay sets."""
+    where = f"{obj['kind']} {obj['metadata']['name']}"
+    errors, templates = [], []
+    specs = cluster_specs(obj)
+    if obj["kind"] == "RayJob" and not specs and not obj["spec"].get("clusterSelector"):
+        errors.append(f"{where}: neither rayClusterSpec nor clusterSelector")
+    for spec in specs:
+        mode = (spec.get("authOptions") or {}).get("mode")
+        if mode != "token":
+            errors.append(f"{where}: authOptions.mode is {mode!r}, not 'token': anyone who reaches the "
+                          f"head could run code")
+        if _version(spec.get("rayVersion", "0")) < _version(MIN_RAY_FOR_TOKEN_AUTH):
+            errors.append(f"{where}: rayVersion {spec.get('rayVersion')!r} < {MIN_RAY_FOR_TOKEN_AUTH} "
+                          f"(KubeRay refuses token auth)")
+        templates += [(group.get("groupName", "head"), group["template"])
+                      for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]]
+    if obj["kind"] == "RayJob" and obj["spec"].get("submitterPodTemplate"):
+        templates.append(("submitter", obj["spec"]["submitterPodTemplate"]))
+    for group, template in templates:
+        pod = template.get("spec") or {}
+        for container in [*pod.get("containers", []), *pod.get("initContainers", [])]:
+            name = f"{where} {group}/{container.get('name')}"
+            for env in container.get("env") or []:
+                if env.get("name") in RAY_AUTH_ENV:
+                    errors.append(f"{name}: sets {env['name']} by hand; authOptions has KubeRay set "
+                                  f"RAY_AUTH_MODE and RAY_AUTH_TOKEN (from a Secret)")
+            for source in container.get("envFrom") or []:
+                ref = (source.get("configMapRef") or {}).get("name")
+                keys = {source.get("prefix", "") + key for key in configmaps.get(ref, {})}
+                errors += [f"{name}: ConfigMap {ref} sets {key}; leave RAY_AUTH_* to authOptions"
+                           for key in sorted(keys & RAY_AUTH_ENV)]
+    return errors
+
+
+def auth_disabled_findings(path: Path, text: str) -> list[str]:
+    """Places that turn Ray's token auth off: RAY_AUTH_MODE=disabled (any spelling of the
+    assignment, in any file), an env var or ConfigMap key RAY_AUTH_MODE other than token, and
+    authOptions.mode disabled."""
+    found = [f"{path.name}:{n}: RAY_AUTH_MODE disabled" for n, line in enumerate(text.splitlines(), 1)
+             if AUTH_DISABLED.search(line)]
+    if path.suffix in (".yaml", ".yml"):
+        for doc in load_documents(text):
+            if doc.get("kind") == "ConfigMap" and "RAY_AUTH_MODE" in (doc.get("data") or {}) \
+                    and str(doc["data"]["RAY_AUTH_MODE"]) != "token":
+                found.append(f"{path.name}: ConfigMap RAY_AUTH_MODE={doc['data']['RAY_AUTH_MODE']}")
+            for node in _walk(doc):
+                if node.get("name") == "RAY_AUTH_MODE" and "value" in node and str(node["value"]) != "token":
+                    found.append(f"{path.name}: env RAY_AUTH_MODE={node['value']}")
+                if isinstance(node.get("authOptions"), dict) and node["authOptions"].get("mode") != "token":
+                    found.append(f"{path.name}: authOptions.mode {node['authOptions'].get('mode')!r}")
+    return found
+
+
+def doc_auth_errors(text: str, secret: str) -> list[str]:
+    """The guide must have users create the Secret KubeRay reads (``secret``, key auth_token) with
+    a generated token, export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN read from that Secret before
+    the first `ray job submit`, show that a request without the token is refused, and install a
+    KubeRay that knows authOptions."""
+    commands = doc_commands(text)
+    errors = []
+    created = []
+    for command in commands:
+        words = shlex.split(command)
+        if "create" in words and "secret" in words and "generic" in words:
+            name = words[words.index("generic") + 1]
+            created += [(name, *w.split("=", 2)[1:]) for w in words if w.startswith("--from-literal=")]
+    ours = [(key, value) for name, key, value in created if name == secret]
+    if not any(key == AUTH_TOKEN_KEY for key, _ in ours):
+        errors.append(f"no `kubectl create secret generic {secret} --from-literal={AUTH_TOKEN_KEY}=...` "
+                      f"(the Secret KubeRay reads the token of the RayCluster from); created: {created}")
+    errors += [f"the token of {secret} is written in the guide ({value!r}): generate it, e.g. "
+               f"$(openssl rand -hex 32)" for key, value in ours if key == AUTH_TOKEN_KEY and not value.startswith("$")]
+    submits = [i for i, c in enumerate(commands) if re.search(r"\bray job submit\b", c)]
+    first = submits[0] if submits else len(commands)
+    before = commands[:first]
+    if not any(re.search(r"\bRAY_AUTH_MODE=token\b", c) for c in before if c.startswith("export ")):
+        errors.append("no `export RAY_AUTH_MODE=token` before `ray job submit` (without it, ray sends no token)")
+    reads = [re.search(r"\bRAY_AUTH_TOKEN=\"?\$\(kubectl .*\bget secret (\S+) .*\{\.data\.(\w+)\}", c)
+             for c in before if c.startswith("export ")]
+    if not any(m and m.group(1) == secret and m.group(2) == AUTH_TOKEN_KEY for m in reads):
+        errors.append(f"no `export RAY_AUTH_TOKEN=$(kubectl get secret {secret} ... {{.data.{AUTH_TOKEN_KEY}}} ...)` "
+                      f"before `ray job submit`")
+    if not any(c.startswith("curl ") and ":8265/" in c and "Authorization" not in c for c in commands) \
+            or "401" not in text:
+        errors.append("the guide does not show a request without the token being refused (401)")
+    helm = [re.search(r"--version (\d+\.\d+\.\d+)", c) for c in commands if c.startswith("helm install kuberay")]
+    if not helm or any(m is None or _version(m.group(1)) < _version(MIN_KUBERAY_FOR_AUTH) for m in helm):
+        errors.append(f"the KubeRay chart must be >= {MIN_KUBERAY_FOR_AUTH} (authOptions)")
+    errors += auth_disabled_findings(Path("cluster.md"), text)
+    return errors
+
+
 # ============================================================================================
 # Tests
 
@@ -535,6 +668,10 @@ CORRUPTIONS = {
         lambda: _first_of("StatefulSet"),
         lambda o: o["spec"]["template"]["spec"]["containers"][0]["env"][0].update(valueFrom={"secretRef": {}})),
     "no name": (lambda: _first_of("ConfigMap"), lambda o: o["metadata"].pop("name")),
+    "authOptions bad mode": (_raycluster, lambda o: o["spec"].update(authOptions={"mode": "tokens"})),
+    "authOptions secretName (KubeRay 1.6)": (
+        lambda: _first_of("RayJob"),
+        lambda o: o["spec"]["rayClusterSpec"]["authOptions"].update(secretName="ssd-ray")),
 }
 
 
@@ -760,7 +897,13 @@ def test_no_plain_text_secret_in_committed_files():
     (ENV_EXAMPLE, "AWS_SECRET_ACCESS_KEY=CHANGE_ME_s3_secret_key", "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI"),
     (INFRA / "k8s" / "shared.yaml", 'AWS_DEFAULT_REGION: "us-east-1"',
      'AWS_DEFAULT_REGION: "us-east-1"\n  AWS_SECRET_ACCESS_KEY: "abc123abc123"'),
-], ids=["env value", "url password", "compose literal", "from-literal", "env.example value", "configmap key"])
+    (INFRA / "k8s" / "raycluster.yaml", "  authOptions: {mode: token}\n",
+     "  authOptions: {mode: token}\n  x-env: [{name: RAY_AUTH_TOKEN, value: 9f86d081884c7d65}]\n"),
+    (INFRA / "k8s" / "shared.yaml", 'RAY_USAGE_STATS_ENABLED: "0"',
+     'RAY_USAGE_STATS_ENABLED: "0"\n  RAY_AUTH_TOKEN: "9f86d081884c7d65"'),
+    (CLUSTER_DOC, 'export RAY_AUTH_TOKEN="$(kubectl', 'export RAY_AUTH_TOKEN=9f86d081884c7d65 X="$(kubectl'),
+], ids=["env value", "url password", "compose literal", "from-literal", "env.example value", "configmap key",
+        "ray token env", "ray token configmap", "ray token in the guide"])
 def test_secret_scan_finds_a_planted_secret(path, before, after):
     text = path.read_text()
     assert before in text
@@ -833,6 +976,135 @@ def test_cluster_doc_check_finds_a_bad_command():
           "kubectl apply -f infra/k8s/nope.yaml\n```\n"
     errors = doc_errors(bad)
     assert len(errors) == 2, errors
+
+
+# --------------------------------------------------------------------------------------------
+# Ray token authentication
+
+
+def _ray_objects() -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{_rel(p)}:{o['metadata']['name']}", o) for p, o in all_objects() if o["kind"] in ("RayCluster", "RayJob")]
+
+
+@pytest.mark.parametrize("where,obj", _ray_objects(), ids=[w for w, _ in _ray_objects()])
+def test_every_ray_cluster_runs_with_token_auth(where, obj):
+    assert ray_auth_errors(obj, _configmap_data()) == []
+
+
+def test_every_ray_pod_uses_the_shared_configmap_without_auth_settings():
+    """The ConfigMap every Ray container loads must not carry RAY_AUTH_* (it would lose to
+    KubeRay's env only by accident of precedence), and every Ray cluster is covered."""
+    configmaps = _configmap_data()
+    assert "ssd-ray-env" in configmaps and not set(configmaps["ssd-ray-env"]) & RAY_AUTH_ENV
+    kinds = [o["kind"] for _, o in _ray_objects()]
+    assert kinds.count("RayCluster") == 1 and kinds.count("RayJob") == 3
+
+
+def _add_env(group: str, name: str, **value):
+    def corrupt(obj, configmaps):
+        spec = cluster_specs(obj)[0]
+        template = spec["headGroupSpec"]["template"] if group == "head" else spec["workerGroupSpecs"][0]["template"]
+        template["spec"]["containers"][0].setdefault("env", []).append({"name": name, **value})
+    return corrupt
+
+
+AUTH_CORRUPTIONS = {
+    "no authOptions": lambda o, c: cluster_specs(o)[0].pop("authOptions"),
+    "mode disabled": lambda o, c: cluster_specs(o)[0].update(authOptions={"mode": "disabled"}),
+    "empty authOptions": lambda o, c: cluster_specs(o)[0].update(authOptions={}),
+    "Ray too old for token auth": lambda o, c: cluster_specs(o)[0].update(rayVersion="2.51.1"),
+    "worker RAY_AUTH_MODE disabled": _add_env("worker", "RAY_AUTH_MODE", value="disabled"),
+    "head token as a literal": _add_env("head", "RAY_AUTH_TOKEN", value="0123456789abcdef"),
+    "head token from another Secret": _add_env(
+        "head", "RAY_AUTH_TOKEN", valueFrom={"secretKeyRef": {"name": "other", "key": "token"}}),
+    "worker token file": _add_env("worker", "RAY_AUTH_TOKEN_PATH", value="/etc/ray/token"),
+    "ConfigMap turns it off": lambda o, c: c["ssd-ray-env"].update(RAY_AUTH_MODE="disabled"),
+    "init container sets the mode": lambda o, c: cluster_specs(o)[0]["workerGroupSpecs"][0]["template"]["spec"]
+    .setdefault("initContainers", []).append({"name": "x", "image": "x", "env": [{"name": "RAY_AUTH_MODE", "value": "token"}]}),
+}
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
+@pytest.mark.parametrize("corruption", AUTH_CORRUPTIONS)
+def test_token_auth_check_rejects_a_corrupted_cluster(kind, corruption):
+    obj, configmaps = _first_of(kind), copy.deepcopy(_configmap_data())
+    assert ray_auth_errors(obj, configmaps) == []
+    AUTH_CORRUPTIONS[corruption](obj, configmaps)
+    assert ray_auth_errors(obj, configmaps), f"the auth check let through: {corruption}"
+
+
+def test_token_auth_check_covers_the_submitter_template():
+    job = _first_of("RayJob")
+    job["spec"]["submitterPodTemplate"] = {"spec": {"restartPolicy": "Never", "containers": [
+        {"name": "ray-job-submitter", "image": "x", "env": [{"name": "RAY_AUTH_MODE", "value": "disabled"}]}]}}
+    assert ray_auth_errors(job, _configmap_data())
+
+
+def test_no_file_turns_token_auth_off():
+    files = [*K8S_FILES, CLUSTER_DOC, *(INFRA / "docker").glob("*"), *(INFRA / "k8s").glob("*")]
+    found = [f for p in sorted(set(files)) for f in auth_disabled_findings(p, p.read_text())]
+    assert found == []
+
+
+@pytest.mark.parametrize("path,before,after", [
+    (INFRA / "k8s" / "shared.yaml", '  RAY_USAGE_STATS_ENABLED: "0"\n',
+     '  RAY_USAGE_STATS_ENABLED: "0"\n  RAY_AUTH_MODE: "disabled"\n'),
+    (INFRA / "k8s" / "raycluster.yaml", "  authOptions: {mode: token}\n", "  authOptions: {mode: disabled}\n"),
+    (INFRA / "k8s" / "rayjob-train.yaml", "                env:\n                  - name: AWS_ACCESS_KEY_ID\n",
+     ('                env:\n                  - {name: RAY_AUTH_MODE, value: "off"}\n'
+      '                  - name: AWS_ACCESS_KEY_ID\n')),
+    (CLUSTER_DOC, "RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"),
+], ids=["configmap", "authOptions", "env", "doc"])
+def test_auth_off_scan_finds_a_planted_switch(path, before, after):
+    text = path.read_text()
+    assert before in text
+    assert auth_disabled_findings(path, text) == []
+    assert auth_disabled_findings(path, text.replace(before, after, 1))
+
+
+def test_token_secret_of_the_cluster_is_the_one_the_guide_creates():
+    cluster = _raycluster()
+    secret = kuberay_auth_secret(cluster["metadata"]["name"])
+    assert secret == "ssd-ray"
+    assert doc_auth_errors(CLUSTER_DOC.read_text(), secret) == []
+    # and the RayCluster manifest's own instructions agree with it
+    header = (INFRA / "k8s" / "raycluster.yaml").read_text()
+    assert f"create secret generic {secret} --from-literal={AUTH_TOKEN_KEY}=" in header
+    assert f"get secret {secret} -o jsonpath='{{.data.{AUTH_TOKEN_KEY}}}'" in header
+
+
+def test_kuberay_secret_name_follows_checkname():
+    assert kuberay_auth_secret("ssd-ray") == "ssd-ray"
+    assert kuberay_auth_secret("1cluster") == "rcluster"
+    assert kuberay_auth_secret("x" * 60) == "x" * 50
+
+
+def _doc_edit(before: str, after: str):
+    def corrupt(text):
+        assert before in text, before
+        return text.replace(before, after)
+    return corrupt
+
+
+DOC_AUTH_CORRUPTIONS = {
+    "Secret of another name": _doc_edit("create secret generic ssd-ray ", "create secret generic ssd-ray-auth "),
+    "another key": _doc_edit("--from-literal=auth_token=", "--from-literal=token="),
+    "literal token": _doc_edit('--from-literal=auth_token="$(openssl rand -hex 32)"', "--from-literal=auth_token=s3cr3t"),
+    "no RAY_AUTH_MODE export": _doc_edit("export RAY_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token",
+                                         "export RAY_ADDRESS=http://127.0.0.1:8265"),
+    "token read from another Secret": _doc_edit("get secret ssd-ray -o", "get secret ssd-ray-auth -o"),
+    "no refused request": _doc_edit("curl -s -o /dev/null -w '%{http_code}\\n' http://127.0.0.1:8265/api/jobs/",
+                                    "true"),
+    "KubeRay without authOptions": _doc_edit("--version 1.5.1", "--version 1.5.0"),
+    "auth off": _doc_edit("RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"),
+}
+
+
+@pytest.mark.parametrize("corruption", DOC_AUTH_CORRUPTIONS)
+def test_doc_auth_check_rejects_a_corrupted_guide(corruption):
+    text = CLUSTER_DOC.read_text()
+    assert doc_auth_errors(text, "ssd-ray") == []
+    assert doc_auth_errors(DOC_AUTH_CORRUPTIONS[corruption](text), "ssd-ray"), corruption
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def test_shards_on_s3_stream_exactly_like_the_local_copy(s3_shards, aws_env):
 
 
 def _run(script: str, args: list[str], tmp_path: Path, env: dict[str, str], timeout: int = 420):
-    full_env = {**os.environ, **env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "",
+    full_env = {**os.environ, **env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "",
                 "SSD_DATA_HOME": str(tmp_path / "data-home"), "SSD_MLFLOW_HOME": str(tmp_path / "mlflow")}
     full_env.pop("SSD_S3_COMMAND", None)
     return subprocess.run([sys.executable, str(ROOT / "pipelines" / script), *args], env=full_env,

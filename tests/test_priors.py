@@ -114,3 +114,37 @@ def test_unknown_field_and_preset_are_errors():
         PriorSpec.from_dict({**PriorSpec.preset("tiny").to_dict(), "bogus": 1})
     with pytest.raises(PriorSpecError, match="nope"):
         PriorSpec.preset("nope")
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"image_size": "abc"}, "priors.image_size must be an integer >= 1, got 'abc'"),
+        ({"image_size": 128.5}, "priors.image_size must be an integer >= 1, got 128.5"),
+        ({"feature_maps": (16, 8, 4.5, 2, 1)},
+         "priors.feature_maps must be a non-empty list of integers >= 1, got [16, 8, 4.5, 2, 1]"),
+        ({"aspect_ratios": ((2,), (2, -3), (2,), (2,), (2,))},
+         "priors.aspect_ratios must be a list of lists of numbers > 0, got [[2], [2, -3], [2], [2], [2]]"),
+        ({"aspect_ratios": ((2,), (1,), (2,), (2,), (2,))},
+         "priors.aspect_ratios[1] must hold ratios > 0 other than 1 (1 is always present), got [1]"),
+        ({"steps": (8, 16)}, "priors.steps must have one entry per level of priors.feature_maps (5), got 2: [8, 16]"),
+        ({"steps": (8, 16, 0, 64, 128)}, "priors.steps must be null or a list of numbers > 0"),
+        ({"s_min": 0.9, "s_max": 0.2}, "priors.s_min must be < priors.s_max (0.2), got 0.9"),
+        ({"s_max": 1.5}, "priors.s_max must be in (0, 1], got 1.5"),
+        ({"first_level_scale": 0}, "priors.first_level_scale must be in (0, 1], got 0"),
+        ({"first_level_scale": "x"}, "priors.first_level_scale must be null or a number in (0, 1], got 'x'"),
+        ({"extra_box": 1}, "priors.extra_box must be true or false, got 1"),
+        ({"clip": None}, "priors.clip must be true or false, got None"),
+        ({"name": ""}, "priors.name must be a non-empty string, got ''"),
+    ],
+)
+def test_invalid_specs_name_key_value_and_range(changes, message):
+    with pytest.raises(PriorSpecError) as err:
+        PriorSpec.preset("tiny").replace(**changes)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_number_strings_from_yaml_are_numbers():
+    # PyYAML reads 1e-1 as a string; the spec takes it as 0.1, as the other config sections do
+    spec = PriorSpec.from_yaml(PriorSpec.preset("tiny").to_yaml().replace("s_min: 0.2", "s_min: 2e-1"))
+    assert spec.s_min == 0.2 and spec == PriorSpec.preset("tiny")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,37 @@ def test_includes_resolve_relative_and_detect_cycles(tmp_path):
         SearchSpace.load(tmp_path / "c.yaml")
     with pytest.raises(SpaceError, match="not found"):
         SearchSpace.load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    # the same checks as the config's: the key, the value and the range are named
+    ({"loss.neg_ratio": {"randint": [-2, 3]}},
+     "test.yaml: loss.neg_ratio: the value -2 gives no valid config: loss.neg_ratio must be > 0, got -2"),
+    ({"augment.strength": {"uniform": [0, 1.5]}},
+     "test.yaml: augment.strength: the value 1.5 gives no valid config: augment.strength must be in [0, 1], got 1.5"),
+    ({"loss.iou_threshold": {"uniform": [0.0, 0.7]}},
+     "loss.iou_threshold: the value 0.0 gives no valid config: loss.iou_threshold must be in (0, 1], got 0.0"),
+    ({"optim.schedule": {"choice": ["cosine", "linear"]}},
+     "optim.schedule: the value 'linear' gives no valid config: unknown optim.schedule 'linear': must be one of"),
+    ({"optim.milestones": {"grid": [[0.5, 0.8], [0.8, 0.5]]}},
+     "must be a strictly increasing list of numbers in (0, 1), got [0.8, 0.5]"),
+    ({"optim.lr": "abc"}, "test.yaml: fixed values: optim.lr must be a number >= 0, got 'abc'"),
+    # an integer key searched with a continuous distribution: its draws have fractions
+    ({"train.epochs": {"uniform": [1, 10]}},
+     ("train.epochs: uniform draws fractional values such as 1.0000000000000002, which give no valid config "
+      "(use randint for an integer): train.epochs must be an integer >= 1")),
+])
+def test_edge_values_go_through_the_config_checks(space, message):
+    with pytest.raises(SpaceError, match=re.escape(message)) as err:
+        _space({"space": space})
+    assert "\n" not in str(err.value)
+
+
+def test_edges_inside_the_ranges_are_accepted():
+    space = _space({"space": {"loss.neg_ratio": {"randint": [1, 8]}, "augment.strength": {"uniform": [0, 1]},
+                              "optim.lr": {"loguniform": [1e-4, 1e-1]}, "train.epochs": {"randint": [1, 4]},
+                              "optim.weight_decay": {"choice": ["5e-4", 0]}}})
+    assert set(space.params) == {"loss.neg_ratio", "augment.strength", "optim.lr", "train.epochs",
+                                 "optim.weight_decay"}
+    for values in space.sample(4, seed=0):
+        assert 1 <= trial_config("tiny", values).train.epochs <= 3

@@ -27,9 +27,19 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
             "SSD_DATA_HOME": str(tmp_path / "data"), "SSD_MLFLOW_HOME": str(tmp_path / "mlflow"),
             "RAY_ADDRESS": ""}
+
+
+#: a bound far above the ~1.5 s a refused request takes here, far below the 20-50 s it took when
+#: a Ray cluster was started first (what these tests guard against)
+FAST = 15.0
+
+
+def _no_ray(out: subprocess.CompletedProcess) -> bool:
+    log = out.stdout + out.stderr
+    return "Ray: " not in log and "Started a local Ray instance" not in log
 
 
 def _train(args: list[str], tmp_path: Path, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -66,11 +76,30 @@ def test_an_incompatible_init_model_fails_before_ray_starts(shards, tmp_path):
     assert out.returncode != 0 and "not a checkpoint folder" in out.stderr, out.stderr
 
 
-def test_missing_data_fails_naming_the_path(tmp_path):
+def test_missing_data_fails_fast_naming_the_path(tmp_path):
     missing = tmp_path / "nowhere"
+    start = time.perf_counter()
     out = _train(["--data", str(missing)], tmp_path)
-    assert out.returncode != 0
+    assert out.returncode != 0 and _no_ray(out)
     assert f"training shards '{missing / 'train'}'" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # one line, no traceback
+    assert time.perf_counter() - start < FAST
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim.lr=abc", "optim.lr must be a number >= 0, got 'abc'"),
+    ("loss.neg_ratio=-1", "loss.neg_ratio must be"),
+    ("augment.strength=1.5", "augment.strength must be in [0, 1], got 1.5"),
+    ("loss.iou_threshold=0", "loss.iou_threshold must be"),
+    ("optim.schedule=linear", "optim.schedule 'linear'"),
+])
+def test_bad_config_values_fail_before_ray_naming_key_and_value(shards, tmp_path, override, message):
+    start = time.perf_counter()
+    out = _train(["--data", str(shards), "--no-mlflow", override], tmp_path)
+    assert out.returncode != 0 and _no_ray(out)
+    assert message in out.stderr and out.stderr.startswith("error: config:"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert time.perf_counter() - start < FAST
 
 
 def test_mismatched_splits_fail(shards, tmp_path):
@@ -92,15 +121,31 @@ def test_cluster_resource_check():
         check_cluster_resources(Scaling(0, False, 1.0), {"CPU": 8.0})
 
 
+def test_more_workers_than_cpus_fails_fast_without_starting_a_cluster(shards, tmp_path):
+    start = time.perf_counter()
+    out = _train(["--data", str(shards), "--workers", "64", "--address", "local", "--no-mlflow",
+                  "--storage-path", str(tmp_path / "runs")], tmp_path)
+    assert out.returncode != 0 and _no_ray(out)
+    assert re.search(rf"64 workers x 1 CPU = 64 CPUs, but this machine has {os.cpu_count()}\b", out.stderr), out.stderr
+    assert time.perf_counter() - start < FAST
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_more_workers_than_cpus_fails_fast_on_a_real_cluster(shards, tmp_path):
-    out = _train(["--data", str(shards), "--workers", "64", "--address", "local", "--no-mlflow",
-                  "--storage-path", str(tmp_path / "runs")], tmp_path)
+def test_a_worker_error_a_restart_cannot_fix_ends_the_run_at_once(shards, tmp_path):
+    """A data error found by the workers before their first step is not retried --max-failures
+    times; the user sees one line with the cause, not every rank's traceback."""
+    out = _train(["--data", str(shards), "--workers", "2", "--address", "local", "--no-mlflow", "--max-failures", "2",
+                  "--inject-failure", "setup", "--storage-path", str(tmp_path / "runs")], tmp_path)
+    log = out.stdout + out.stderr
     assert out.returncode != 0
-    assert re.search(r"64 workers x 1 CPU = 64 CPUs, but the Ray cluster has \d+", out.stderr), out.stderr
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert log.count("worker error that a restart cannot fix, not retried") == 1, log[-3000:]
+    assert "worker failure, restarting" not in log
+    final = out.stderr.strip().splitlines()[-1]
+    assert final.startswith("error: training failed: rank ") and "injected data error" in final, final
+    assert "Error in training function" not in log and "Traceback" not in log, log[-3000:]
 
 
 def _finished_epochs(log: str) -> list[int]:
@@ -123,6 +168,10 @@ def test_worker_death_resumes_from_checkpoint_and_resume_continues(shards, tmp_p
     assert out.returncode == 0, log[-4000:]
     assert "MLflow at http://127.0.0.1:9 failed to start the run; tracking is off" in log
     assert "injected failure: rank 1 exits at epoch 2 step 3" in log
+    # one line for the recovered failure, naming the rank that died; no tracebacks
+    assert log.count("worker failure, restarting the workers from the last checkpoint: rank 1: the worker process "
+                     "died") == 1, log[-4000:]
+    assert "Traceback" not in log and "Error in training function" not in log, log[-4000:]
     assert "resuming from" in log and "(epoch 1 done)" in log
     assert _finished_epochs(log) == [1, 2, 3]  # epoch 1 is not trained twice
     # the replacement workers redo epoch 2 from its start, with the same data and weights

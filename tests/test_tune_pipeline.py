@@ -25,8 +25,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _tune(args: list[str], tmp_path: Path, timeout: int = 420) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "",
-           "SSD_MLFLOW_HOME": str(tmp_path / "mlflow")}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "SSD_MLFLOW_HOME": str(tmp_path / "mlflow")}
     return subprocess.run([sys.executable, str(TUNE), *args], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
@@ -122,6 +121,22 @@ def test_prescreen_skips_low_recall_specs_and_an_unbuildable_combination_fails_a
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_sweep_whose_every_trial_failed_exits_non_zero_with_the_first_error(shards, tmp_path):
+    space = tmp_path / "unbuildable.yaml"  # every combination has s_min >= s_max
+    space.write_text("space:\n  priors.s_min: {grid: [0.8, 0.85]}\n  priors.s_max: {grid: [0.7]}\n")
+    out = _tune(["--space", str(space), "--data", str(shards), "--num-samples", "1", "--epochs", "1",
+                 "--scheduler", "fifo", "--address", "local", "--no-mlflow", "--storage-path", str(tmp_path / "runs"),
+                 "train.batch_size=8"], tmp_path)
+    assert out.returncode != 0, (out.stdout + out.stderr)[-3000:]
+    final = out.stderr.strip().splitlines()[-1]
+    assert final.startswith("error: sweep ") and "all 2 trial(s) failed; the first" in final, final
+    assert "(invalid)" in final and "s_min" in final and "s_max" in final, final
+    assert "best mAP -1.0000" not in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(shards, tmp_path):
     import signal
@@ -131,7 +146,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(shards, tmp
     args = ["--space", str(ROOT / "tune_spaces" / "loss_aug.yaml"), "--data", str(shards), "--num-samples", "3",
             "--epochs", "1", "--max-concurrent", "1", "--scheduler", "fifo", "--address", "local", "--no-mlflow",
             "--storage-path", str(storage), "--name", "resumable", "train.batch_size=8"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
     proc = subprocess.Popen([sys.executable, str(TUNE), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     groups = storage / "resumable" / "placement_groups"

@@ -6,7 +6,8 @@
 #
 # Each pid file names a session leader (start.sh runs every service under setsid); the whole
 # process group gets SIGTERM, then SIGKILL after a grace period. Processes this script did not
-# start are never signalled. Same SSD_LOCAL_STATE as start.sh.
+# start are never signalled. Same SSD_LOCAL_STATE as start.sh. The token (auth_token) stays, so the
+# exports start.sh printed remain valid after a restart; Ray's logs stay under the temp dir.
 set -euo pipefail
 
 STATE="${SSD_LOCAL_STATE:-$HOME/.cache/ssd-ray/local}"
@@ -21,7 +22,7 @@ stop() {
     pid="$(cat "$pid_file")"
     if ! kill -0 "$pid" 2>/dev/null; then
         echo "$name: pid $pid already gone"
-        rm -f "$pid_file"
+        rm -f "$pid_file" "$STATE/$name.json"
         return
     fi
     # The session leader first: `ray start --block` and `mlflow server` shut their own children
@@ -40,7 +41,7 @@ stop() {
         fi
         sleep 0.5
     done
-    rm -f "$pid_file"
+    rm -f "$pid_file" "$STATE/$name.json"
     echo "$name: stopped (process group $pid)"
 }
 

@@ -33,11 +33,10 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from ssd import storage
+from ssd.boxes import PER_OBJECT_KEYS
 from ssd.data.sharding import ShardSlice, rank_slices, shard_order, steps_per_epoch, worker_split
-from ssd.transforms import PER_OBJECT_KEYS
 
 FORMAT_NAME = "ssd-webdataset"
 FORMAT_VERSION = 1
@@ -283,6 +282,10 @@ def decode_sample(sample: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
 
     Decoding uses torchvision's JPEG decoder (libjpeg-turbo), straight from the tar bytes.
     """
+    # imported here, not at the top: torchvision's import (~1.3 s) would slow every script that
+    # only opens a shard set (and its failure on a bad path); the import is cached after the first
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     meta = json.loads(sample["json"])
     data = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
     image = decode_jpeg(data, mode=ImageReadMode.RGB)

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,54 +23,18 @@ import ray.train
 import ray.train.torch
 import torch
 import yaml
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
 from ssd import storage
 from ssd.checkpoint import load_checkpoint
 from ssd.config import Config, config_from_dict
+from ssd.distributed.cluster import ClusterTooSmall, Scaling, check_cluster_resources  # noqa: F401 - re-exported
+from ssd.distributed.console import quiet_train_console
+from ssd.distributed.failures import SSDTorchTrainer
 from ssd.tracking import Tracker
-from ssd.training import SCORE, RunOptions, run_training
+from ssd.training import SCORE, RunOptions, errors_are_permanent, run_training
 
 CHECKPOINT_PREFIX = "checkpoint-epoch-"
-
-
-class ClusterTooSmall(RuntimeError):
-    """The Ray cluster lacks the CPUs/GPUs the scaling config asks for."""
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """Workers and their resources (one DDP process per worker; one GPU each with ``use_gpu``)."""
-
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-
-    def to_ray(self) -> ScalingConfig:
-        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
-                             resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})})
-
-
-def check_cluster_resources(scaling: Scaling, resources: dict[str, float] | None = None) -> None:
-    """Raise ``ClusterTooSmall`` naming the shortfall when the cluster cannot hold the workers.
-
-    Without this, Ray Train waits for resources that never come (on a fixed-size cluster).
-    ``resources`` defaults to ``ray.cluster_resources()``.
-    """
-    if scaling.num_workers < 1:
-        raise ClusterTooSmall(f"--workers must be at least 1, got {scaling.num_workers}")
-    resources = ray.cluster_resources() if resources is None else resources
-    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    need_cpus = scaling.num_workers * scaling.cpus_per_worker
-    if need_cpus > cpus:
-        raise ClusterTooSmall(
-            f"{scaling.num_workers} workers x {scaling.cpus_per_worker:g} CPU = {need_cpus:g} CPUs, but the Ray "
-            f"cluster has {cpus:g}; lower --workers or --cpus-per-worker")
-    if scaling.use_gpu and scaling.num_workers > gpus:
-        raise ClusterTooSmall(
-            f"{scaling.num_workers} GPU workers need {scaling.num_workers} GPUs, but the Ray cluster has {gpus:g}; "
-            "lower --workers or train on the CPU (--cpu)")
 
 
 def _quiet_report_logs() -> None:
@@ -90,15 +54,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     _quiet_report_logs()
+    quiet_train_console()
     torch.set_num_threads(max(1, int(loop_config["threads"])))
-    cfg = config_from_dict(loop_config["config"])
-    options = RunOptions(**loop_config["options"])
+    with errors_are_permanent("the worker's setup"):  # a restart would fail the same way
+        cfg = config_from_dict(loop_config["config"])
+        options = RunOptions(**loop_config["options"])
     device = ray.train.torch.get_device()
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+        with checkpoint.as_directory() as folder, errors_are_permanent(f"checkpoint {checkpoint.path}"):
             resume = load_checkpoint(folder)
         if rank == 0:
             print(f"resuming from {checkpoint.path} (epoch {resume.epoch} done)", flush=True)
@@ -165,7 +131,7 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     placement_group_file: str | None = None,
     init_state: dict[str, Any] | None = None,
-) -> TorchTrainer:
+) -> SSDTorchTrainer:
     """A ``TorchTrainer`` for one training run.
 
     Args:
@@ -185,7 +151,7 @@ def build_trainer(
                    "threads": max(1, math.floor(scaling.cpus_per_worker)),
                    "placement_group_file": placement_group_file,
                    "init_state": ray.put(init_state) if init_state is not None else None}
-    return TorchTrainer(
+    return SSDTorchTrainer(  # a TorchTrainer that ends the run at once on a PermanentError
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling.to_ray(),

@@ -23,6 +23,7 @@ from ray import tune
 
 from ssd import storage
 from ssd.config import ConfigError, config_from_dict
+from ssd.distributed.failures import summarize
 from ssd.distributed.trainer import Scaling, build_trainer
 from ssd.search_space import SearchSpace, trial_config
 from ssd.tracking import Tracker
@@ -103,7 +104,7 @@ def trial_driver(values: dict[str, Any], setup: SweepSetup) -> None:
     except ConfigError as err:
         print(f"trial {trial_id}: invalid config: {err}", flush=True)
         _untrained_child(setup, trial_id, values, tags | {"status": "invalid", "error": str(err)[:5000]})
-        tune.report({SCORE: NO_SCORE, "invalid": 1, "skipped": 0})
+        tune.report({SCORE: NO_SCORE, "invalid": 1, "skipped": 0, "error": str(err)[:1000]})
         return
     if setup.min_prior_recall > 0 and setup.prescreen_gt is not None:
         recall = prior_recall(cfg, setup.prescreen_gt)
@@ -205,10 +206,11 @@ def trial_rows(results: Any, searched: list[str], epochs: int) -> list[dict[str,
         scores = [v for v in (df[SCORE].tolist() if df is not None and SCORE in df else []) if v is not None]
         trained = [v for v in scores if v != NO_SCORE and not (isinstance(v, float) and math.isnan(v))]
         epochs_run = int(df["epoch"].max()) if df is not None and "epoch" in df and len(trained) else 0
+        error = None
         if result.error is not None:
-            status = "error"
+            status, error = "error", summarize(result.error)
         elif metrics.get("invalid"):
-            status = "invalid"
+            status, error = "invalid", metrics.get("error")
         elif metrics.get("skipped"):
             status = "skipped"
         elif epochs_run < epochs:
@@ -218,6 +220,8 @@ def trial_rows(results: Any, searched: list[str], epochs: int) -> list[dict[str,
         row = {"trial_id": metrics.get("trial_id", ""), "status": status, "epochs": epochs_run,
                "best_mAP": max(trained) if trained else NO_SCORE,
                "final_mAP": trained[-1] if trained else NO_SCORE}
+        if error:
+            row["error"] = error
         row.update({key: result.config.get(key) for key in searched})
         if "prior_recall" in metrics:
             row["prior_recall"] = metrics["prior_recall"]
