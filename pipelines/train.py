@@ -12,8 +12,12 @@ Without either, the embedded synthetic dataset is made on first use under
 ``~/.cache/ssd-ray/data`` (``$SSD_DATA_HOME``). Trailing ``key=value`` arguments override the
 config (``ssd/configs/<preset>.yaml`` or a YAML path), e.g. ``train.epochs=20 optim.lr=0.01``.
 
-Ray: under ``ray job submit`` the job attaches to that cluster; as plain ``python`` it attaches
-to a running local cluster or starts one (``--address local`` always starts one). Checkpoints go
+Ray (``ssd.distributed.cluster``): ``--address`` or ``$RAY_ADDRESS`` (``ray job submit`` sets it
+for the job; ``http://127.0.0.1:8265`` is the head ``make up`` started), else the head ``make up``
+started if it runs, else a private local cluster for this process (loopback only, token auth);
+``--address local`` always starts a private one; never "the latest cluster" Ray records in
+/tmp/ray. ``--workers`` more than the machine (or running cluster) holds fails before Ray starts.
+Checkpoints go
 to ``--storage-path/NAME`` (a local path, an NFS mount shared by all nodes, or ``s3://``): one
 every epoch, the best ``--keep-checkpoints`` by validation mAP kept plus the latest. A worker
 failure restarts the group from the last checkpoint (``--max-failures``); ``--resume NAME``
@@ -28,13 +32,19 @@ model's (with this data's classes), the others ``--config``'s, or the source's w
 overrides apply last. The architecture and the boxes per location must match, checked before any
 worker starts. ``--freeze-backbone-epochs N`` trains only the extras and heads for the first N epochs.
 
-MLflow (rank 0 and this driver only): ``--mlflow-uri`` > ``$MLFLOW_TRACKING_URI`` > a SQLite
-store under ``~/.cache/ssd-ray/mlflow``. Params, metrics, evaluation artifacts, the final model
-(pyfunc + torch) and, with ``--register-as NAME``, a registry version with lineage tags. If
-MLflow is unreachable the run warns and trains on.
+MLflow (rank 0 and this driver only): ``--mlflow-uri`` > ``$MLFLOW_TRACKING_URI`` > the server
+``make up`` runs > a SQLite store under ``~/.cache/ssd-ray/mlflow``. Params, metrics, evaluation
+artifacts, the final model (pyfunc + torch) and, with ``--register-as NAME``, a registry version
+with lineage tags; the first version of NAME becomes ``@champion``, a later one only if its mAP
+is higher on the same validation shards. If MLflow is unreachable the run warns and trains on; at
+the end an unreachable server is retried for ``--register-timeout`` seconds, after which a
+``--register-as`` job exits non-zero and prints the ``pipelines/register.py`` command that
+finishes it.
 
-Bad requests fail before any worker starts: unknown config keys, missing data, more workers
-than the cluster has CPUs (or GPUs).
+Bad requests fail in seconds, before any worker starts: unknown config keys, config values of the
+wrong type or out of range, missing data, more workers than the cluster has CPUs (or GPUs). A
+worker error that a restart cannot fix (``ssd.training.PermanentError``: config and data errors
+before the first step) ends the run at once instead of after ``--max-failures`` restarts.
 """
 
 from __future__ import annotations
@@ -85,8 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--gpu", dest="use_gpu", action="store_true", default=None, help="one GPU per worker")
     gpu.add_argument("--cpu", dest="use_gpu", action="store_false", help="CPU workers even if GPUs exist")
     scale.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (= torch threads)")
-    scale.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a running local "
-                       "cluster, else a new local one; 'local' always starts one)")
+    scale.add_argument("--address", default=None, help="Ray address: HOST:PORT, or the http:// address of the "
+                       "`make up` head (default: RAY_ADDRESS, else the `make up` head, else a private local "
+                       "cluster; 'local' always starts a private one)")
     scale.add_argument("--name", help="run name under the storage path (default: ssd-<config>-<time>)")
     scale.add_argument("--storage-path", default=None,
                        help="where runs and checkpoints go: path, NFS or s3:// (default $SSD_STORAGE_PATH or "

@@ -17,14 +17,20 @@ schema enforcement would refuse mixed path / bytes / array inputs. Load with
 
 A ``torch_model`` (``mlflow.pytorch`` flavour, ``serialization_format="pickle"``: the default
 ``pt2`` export fails on SSD, DESIGN.md section 5) is logged beside it for raw-output access.
+Loading it unpickles Python objects, so load it only from a registry you trust; prefer the
+pyfunc, which holds no pickle. (MLflow says so on every log; that warning is dropped here.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import io
+import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -38,6 +44,11 @@ import pandas as pd
 
 from ssd.checkpoint import inference_copy
 from ssd.serving import COLUMNS, Detector
+
+# MLflow's console extras when models are logged or loaded: per-file progress bars and "View run
+# ... at" links (the run's own summary names the run); a user's explicit setting wins.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 #: Distributions the served model needs, pinned to the versions installed where it is logged.
 REQUIREMENTS: tuple[str, ...] = (
@@ -166,6 +177,21 @@ def _copy_package(dest: Path) -> Path:
     return target
 
 
+class _DropPickleWarning(logging.Filter):
+    """Drops mlflow.pytorch's warning that pickled models can run code on load (only that one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Saving pytorch model by Pickle or CloudPickle")
+
+    def install(self) -> None:
+        target = logging.getLogger("mlflow.pytorch")
+        if self not in target.filters:
+            target.addFilter(self)
+
+
+_PICKLE_WARNING = _DropPickleWarning()
+
+
 def log_ssd_model(
     run_id: str,
     tracking_uri: str,
@@ -239,9 +265,26 @@ def _tracking_uri(tracking_uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)  # None unsets both
 
 
+#: what ``mlflow.register_model`` prints on stderr on success; the caller reports the version itself
+_REGISTER_CHATTER = re.compile(r"^(Successfully registered model '.*'\.|Created version '\d+' of model '.*'\.|"
+                               r"Registered model '.*' already exists\. Creating a new version of this model\.\.\.)$")
+
+
 def _register(model_uri: str, name: str, run_id: str, version_tags: dict[str, str] | None) -> str:
     tags = {**(version_tags or {}), "run_id": run_id}
-    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    printed = io.StringIO()
+    waiting = logging.getLogger("mlflow.store.model_registry.abstract_store")  # "Waiting up to 300 s ..."
+    level = waiting.level
+    waiting.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stderr(printed):
+            version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    finally:
+        waiting.setLevel(level)
+        # anything else it printed (a warning) still reaches the user
+        rest = [line for line in printed.getvalue().splitlines() if line and not _REGISTER_CHATTER.match(line)]
+        if rest:
+            print("\n".join(rest), file=sys.stderr, flush=True)
     return str(version.version)
 
 
@@ -289,6 +332,9 @@ def _log(
                 )
             result["model_uri"] = info.model_uri
             if torch_flavour:
+                # The pickled flavour is deliberate (torch.export cannot trace SSD; the pyfunc is the
+                # safe primary model): MLflow's warning about pickles is said once, in the docs.
+                _PICKLE_WARNING.install()
                 torch_info = mlflow.pytorch.log_model(
                     detector.model,
                     name="torch_model",

@@ -16,6 +16,7 @@ Like ``ssd.mlflow_model`` this imports MLflow; the training library proper does 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from collections.abc import Callable
@@ -119,6 +120,8 @@ def resolve_model(reference: str, tracking_uri: str | None = None, dst: str | Pa
     dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="ssd-model-"))
     dst.mkdir(parents=True, exist_ok=True)
     model_id = None
+    # a checkpoint is a handful of files: MLflow's per-file progress bars (five lines) are noise
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         if source.startswith("models:/m-"):
             # An MLflow 3 logged model (what a version's source is): download from its own

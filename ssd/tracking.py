@@ -123,7 +123,7 @@ class Tracker:
             # The previous end time stays (MLflow cannot clear it); ``end()`` overwrites it.
             self._client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
-        log.info("MLflow run %s (%s) continued at %s", run.info.run_name, run_id, self.uri)
+        log.debug("MLflow run %s (%s) continued at %s", run.info.run_name, run_id, self.uri)
 
     def _start(self, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None) -> None:
         import mlflow

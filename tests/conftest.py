@@ -110,7 +110,9 @@ def services(tmp_path_factory, free_port):
     """infra/local/start.sh on free loopback ports: a Ray head (2 CPUs, token auth) and an MLflow
     server; yields their addresses and the environment that reaches them (with the token), stops
     them after the module."""
-    found = start_local_services(tmp_path_factory.mktemp("services"), free_port)
+    # a shorter grace before stop.sh's SIGKILL: the module's data is thrown away anyway
+    # (tests/test_infra_local.py checks the graceful stop with the default grace)
+    found = start_local_services(tmp_path_factory.mktemp("services"), free_port, STOP_GRACE_SECONDS="5")
     try:
         yield found
     finally:

@@ -129,6 +129,11 @@ def test_start_secure_isolated_submit_stop(tmp_path, free_port):
         assert f"export RAY_ADDRESS={dashboard}" in first["start_output"]
         assert (tmp_path / "a" / "mlflow" / "mlflow.db").exists()  # the SQLite store at the fixed place
         assert _status(f"{first['mlflow']}/health") == 200
+        # scripts without --mlflow-uri / MLFLOW_TRACKING_URI use this server (not its SQLite file)
+        which = subprocess.run([sys.executable, "-c", ("import sys; sys.path.insert(0, sys.argv[1]); "
+                                "from ssd.tracking import resolve_tracking_uri; print(resolve_tracking_uri())"),
+                                str(ROOT)], env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert which.stdout.strip() == first["mlflow"] and "the server `make up` started" in which.stderr, which
 
         # --- token auth: the dashboard API and job submission refuse a request without the token
         assert _status(f"{dashboard}/api/version") == 401

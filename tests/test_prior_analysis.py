@@ -258,7 +258,7 @@ def test_cli_lists_an_unbuildable_combination_instead_of_crashing(synthetic, tmp
         ["--data", str(synthetic), "--space", str(space), "--samples", "1", "--max-images", "8"])
     rows = analyze_priors.main(args)
     assert [name for name, _ in rows] == ["base", "sample-1", "sample-2"]
-    assert "s_min < s_max" in rows[1][1]["error"] and "error" not in rows[2][1]
+    assert "priors.s_min must be < priors.s_max (0.8), got 0.85" in rows[1][1]["error"] and "error" not in rows[2][1]
     assert "| sample-1 | - | error |" in capsys.readouterr().out
 
 

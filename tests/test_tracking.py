@@ -67,6 +67,33 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     assert resolve_tracking_uri("http://cli:1") == "http://cli:1"
 
 
+def test_the_server_make_up_started_comes_before_the_sqlite_file_and_is_named(monkeypatch, tmp_path, capsys):
+    """start.sh's state folder names the running server (mlflow.json + a live pid): scripts use
+    it when neither --mlflow-uri nor MLFLOW_TRACKING_URI is given, and say so on stderr."""
+    import json
+    import os
+
+    from ssd import tracking
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "mlflow.json").write_text(json.dumps({"tracking_uri": "http://127.0.0.1:5999", "home": "x"}))
+    (state / "mlflow.pid").write_text(str(os.getpid()))  # a live process
+    monkeypatch.setenv("SSD_LOCAL_STATE", str(state))
+    monkeypatch.setenv("SSD_MLFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "_announced", set())
+    assert resolve_tracking_uri() == "http://127.0.0.1:5999"
+    assert f"MLflow: http://127.0.0.1:5999 (the server `make up` started (state {state})" in capsys.readouterr().err
+    assert resolve_tracking_uri("http://cli:1") == "http://cli:1"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:2")
+    assert resolve_tracking_uri() == "http://env:2"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    (state / "mlflow.pid").write_text("999999999")  # gone: the file store again
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    assert "a local SQLite store" in capsys.readouterr().err
+
+
 def test_local_sqlite_store_keeps_artifacts_at_the_fixed_home(monkeypatch, tmp_path):
     monkeypatch.setenv("SSD_MLFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -44,7 +44,9 @@ def test_submitted_training_job_is_tracked_and_registered(services, tmp_path):
     assert job_id, log[-3000:]
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    assert JobSubmissionClient(services["dashboard"]).get_job_status(job_id.group(1)) == JobStatus.SUCCEEDED
+    token = (services["state"] / "auth_token").read_text()  # the head has token auth on
+    client = JobSubmissionClient(services["dashboard"], headers={"Authorization": f"Bearer {token}"})
+    assert client.get_job_status(job_id.group(1)) == JobStatus.SUCCEEDED
     assert re.findall(r"epoch (\d+)/\d+ done in", log) == [str(e) for e in range(1, EPOCHS + 1)]
 
     summary = json.loads(summary_path.read_text())

@@ -98,9 +98,9 @@ def test_wrong_number_of_classes_is_refused(shards):
 
 def test_checkpoint_past_the_last_epoch_is_refused(shards, tmp_path):
     recorder = _Recorder(tmp_path)
-    run_training(_cfg(1), _options(shards), report=recorder)
-    with pytest.raises(ValueError, match="past train.epochs"):
-        run_training(_cfg(0), _options(shards), resume=load_checkpoint(recorder.saved[0]))
+    run_training(_cfg(2), _options(shards), report=recorder)
+    with pytest.raises(ValueError, match="the checkpoint is at epoch 2, past train.epochs=1"):
+        run_training(_cfg(1), _options(shards), resume=load_checkpoint(recorder.saved[-1]))
 
 
 def test_amp_choice():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -28,6 +29,15 @@ UPLOAD_LIMIT = 100 * 2**20
 #: Ray's INFO lines about packing and uploading the working dir (one per job): logs, not output
 QUIET_LOGGERS = ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk",
                  "ray.dashboard.modules.job.sdk")
+#: Ray 2.60's note, on every submission, that .git and .venv are no longer uploaded (they never
+#: were wanted here), and the job log's first line from Ray's job manager
+_NOT_OUTPUT = re.compile(r"is now ignored by default when packaging the working directory|"
+                         r"job_manager\.py:\d+ -- Runtime env is setting up\.")
+
+
+class _DropNotOutput(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _NOT_OUTPUT.search(record.getMessage())
 
 
 class SubmitError(RuntimeError):
@@ -110,6 +120,7 @@ def submit(command: list[str], *, working_dir: Path, address: str | None = None,
 
     for name in QUIET_LOGGERS:  # after the import: Ray's modules set their loggers to INFO
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env.working_dir").addFilter(_DropNotOutput())
 
     try:
         client = JobSubmissionClient(target.address)
@@ -121,8 +132,9 @@ def submit(command: list[str], *, working_dir: Path, address: str | None = None,
         return 0
 
     async def stream() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
+        async for chunk in client.tail_job_logs(job_id):
+            kept = [line for line in chunk.splitlines(keepends=True) if not _NOT_OUTPUT.search(line)]
+            print("".join(kept), end="", flush=True)
 
     try:
         asyncio.run(stream())

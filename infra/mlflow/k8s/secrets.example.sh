@@ -14,6 +14,9 @@
 #                        checkpoints), keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY. With MinIO
 #                        the job in minio.yaml creates this user; with AWS S3 instead, export your
 #                        own keys before running this and skip minio.yaml.
+#   ssd-ray              the Ray token of the RayCluster ssd-ray (infra/k8s/raycluster.yaml; key
+#                        auth_token: KubeRay 1.5.1 reads the Secret named after the cluster).
+#                        RayJobs' clusters get their own token from KubeRay.
 # Passwords are hex: they go into a postgresql:// URL unescaped.
 # Read one back: kubectl -n ssd get secret mlflow-postgres -o jsonpath='{.data.POSTGRES_PASSWORD}' | base64 -d
 set -euo pipefail
@@ -46,4 +49,6 @@ create ssd-s3-credentials \
     --from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" \
     --from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY"
 
-echo "secrets mlflow-postgres, minio-root and ssd-s3-credentials are in namespace $NS"
+create ssd-ray --from-literal=auth_token="$(openssl rand -hex 32)"
+
+echo "secrets mlflow-postgres, minio-root, ssd-s3-credentials and ssd-ray are in namespace $NS"
