@@ -25,19 +25,9 @@ from typing import Any
 
 import yaml
 
+from ssd.fields import Bool, Int, Maybe, Num, OneOf, Seq, Str, check_fields
 from ssd.postprocess import PostprocessConfig
-from ssd.priors import (
-    Bool,
-    Int,
-    Maybe,
-    Num,
-    OneOf,
-    PriorSpec,
-    PriorSpecError,
-    Seq,
-    Str,
-    check_fields,
-)
+from ssd.priors import PriorSpec, PriorSpecError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ssd.boxes import DEFAULT_VARIANCES, box_iou, decode
-from ssd.priors import Int, Num, OneOf, check_fields
+from ssd.fields import Int, Num, OneOf, check_fields
 
 NMS_METHODS = ("nms", "soft_linear", "soft_gaussian")
 

@@ -52,8 +52,9 @@ def no_user_services(tmp_path_factory):
             os.environ[key] = value
 
 
-def start_local_services(root: Path, free_port, **settings: str) -> dict:
-    """infra/local/start.sh with its state under ``root`` on free loopback ports; returns the
+def start_local_services(root: Path, free_port, which: str = "all", **settings: str) -> dict:
+    """infra/local/start.sh (``which``: all, ray or mlflow) with its state under ``root`` on free
+    loopback ports; returns the
     addresses, the state folder and ``env``: what a client of these services needs (the token
     exports start.sh prints included). Stop them with ``stop_local_services(env)``."""
     ports = {name: str(free_port()) for name in
@@ -63,7 +64,7 @@ def start_local_services(root: Path, free_port, **settings: str) -> dict:
            "SSD_MLFLOW_HOME": str(root / "mlflow"), "RAY_NUM_CPUS": "2", "RAY_OBJECT_STORE_MB": "256", **settings}
     for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(key, None)
-    started = subprocess.run([str(ROOT / "infra" / "local" / "start.sh")], env=env,
+    started = subprocess.run([str(ROOT / "infra" / "local" / "start.sh"), which], env=env,
                              capture_output=True, text=True, timeout=240, check=False)
     if started.returncode != 0:
         stop_local_services(env)

@@ -144,11 +144,15 @@ def test_start_secure_isolated_submit_stop(tmp_path, free_port):
         assert refused.returncode != 0 and "should-not-run" not in refused.stdout
         assert "Authentication required" in refused.stdout + refused.stderr
         # the Ray client server (ray://) is loopback-only and wants the token too
-        client = subprocess.run([sys.executable, "-c", ("import sys, ray; ray.init(f'ray://127.0.0.1:{sys.argv[1]}'); "
-                                                        "print('connected')"), first["ports"]["RAY_CLIENT_PORT"]],
+        connect = ("import sys, ray, ray.util; ray.util.connect(f'127.0.0.1:{sys.argv[1]}', connection_retries=1); "
+                   "print('connected', ray.get(ray.remote(lambda: 42).remote()))")
+        client = subprocess.run([sys.executable, "-c", connect, first["ports"]["RAY_CLIENT_PORT"]],
                                 env={**anonymous, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
                                 timeout=120, check=False)
         assert client.returncode != 0 and "connected" not in client.stdout
+        client = subprocess.run([sys.executable, "-c", connect, first["ports"]["RAY_CLIENT_PORT"]], env=env,
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert "connected 42" in client.stdout, client.stdout + client.stderr
 
         # --- loopback only: every listening socket of every process the head started
         head_pids = _processes_with_env(str(state))
@@ -187,7 +191,7 @@ def test_start_secure_isolated_submit_stop(tmp_path, free_port):
         assert f"private {first['gcs']}" not in private.stdout
 
         # --- a second instance beside the first: each job runs on its own head
-        second = start_local_services(tmp_path / "b", free_port)
+        second = start_local_services(tmp_path / "b", free_port, "ray")
         again = _submit(env, dashboard, *WHERE_AM_I)
         other = _submit(second["env"], second["dashboard"], *WHERE_AM_I)
         assert f"gcs {first['gcs']}" in again.stdout, again.stdout + again.stderr
