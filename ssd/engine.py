@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ssd.boxes import DEFAULT_VARIANCES
 from ssd.config import Config, OptimConfig
 from ssd.loss import MultiBoxLoss
 from ssd.matching import match_priors, pad_targets
@@ -178,12 +179,14 @@ def predict(
     priors: Tensor,
     params: PostprocessConfig,
     image_sizes: Tensor | None = None,
+    variances: tuple[float, float] = DEFAULT_VARIANCES,
 ) -> list[dict[str, Tensor]]:
     """Detections for a batch of network-ready images (B, 3, S, S); boxes in pixels of
-    ``image_sizes`` ((B, 2) height, width) or in [0, 1] when it is None."""
+    ``image_sizes`` ((B, 2) height, width) or in [0, 1] when it is None. ``variances`` must be the
+    ones the training targets were encoded with (``cfg.loss.variances``)."""
     model.eval()
     loc, logits = model(images)
-    return postprocess(loc, logits, priors, params, image_sizes=image_sizes)
+    return postprocess(loc, logits, priors, params, image_sizes=image_sizes, variances=variances)
 
 
 def evaluate(
@@ -205,7 +208,7 @@ def evaluate(
     for images, targets in batches:
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         images = network_input(images, cfg, device, memory_format)
-        detections = predict(model, images, priors, cfg.postprocess, image_sizes=sizes)
+        detections = predict(model, images, priors, cfg.postprocess, image_sizes=sizes, variances=cfg.loss.variances)
         for det, target, (height, width) in zip(detections, targets, sizes.tolist()):
             scale = torch.tensor([width, height, width, height], dtype=torch.float32)
             evaluator.add(

@@ -176,7 +176,7 @@ class Detector:
     def _predict_batch(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         batch, sizes = self.preprocess(images)
         detections = predict(self.model, batch, self.priors, self.cfg.postprocess,
-                             image_sizes=sizes.to(self.device))
+                             image_sizes=sizes.to(self.device), variances=self.cfg.loss.variances)
         return [{k: v.cpu() for k, v in det.items()} for det in detections]
 
     def iter_detections(

@@ -311,7 +311,7 @@ class _Evaluation:
         memory_format = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         priors = self.cfg.priors.generate(device=self.device)
         detections = predict(model, network_input(images, self.cfg, self.device, memory_format), priors,
-                             self.cfg.postprocess)
+                             self.cfg.postprocess, variances=self.cfg.loss.variances)
         scale = torch.tensor([size] * 4, dtype=torch.float32)
         detections = [{k: v.cpu() for k, v in d.items()} | {"boxes": d["boxes"].cpu() * scale} for d in detections]
         truth = [{"boxes": t["boxes"] * scale, "labels": t["labels"]} for t in targets]
