@@ -28,11 +28,11 @@ import atexit
 import os
 import secrets
 import socket
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ssd.distributed.ray_internals import reload_settings
 from ssd.local_state import LocalRay, running_ray, state_dir
 
 #: Ray's single-machine mode: node address 127.0.0.1, so every server of the cluster binds
@@ -156,17 +156,8 @@ def apply_environment(target: ClusterPlan) -> None:
     os.environ.update(target.env)
     if target.kind != "address":
         os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over RAY_AUTH_TOKEN_PATH
-    if "ray._raylet" in sys.modules:
-        # Ray was imported before the plan (a caller's import order) and has read its settings
-        # already: read them again, as Ray itself does when it switches token auth on
-        # (ray._private.authentication.authentication_token_setup._enable_token_auth).
-        from ray._private import ray_constants
-        from ray._raylet import AuthenticationTokenLoader, Config
-
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
-        if target.env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
-            ray_constants.ENABLE_RAY_CLUSTER = False  # a module constant, read at import
+    # Ray may have been imported before the plan (a caller's import order): it reads them again
+    reload_settings(single_machine=target.env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0")
 
 
 def _free_port() -> int:

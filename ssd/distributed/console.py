@@ -20,6 +20,8 @@ import logging
 import re
 from typing import Any
 
+from ssd.distributed.ray_internals import worker_log_dispatcher
+
 #: (component, pattern): a forwarded line of a process whose actor or task name starts with
 #: ``component`` ("" for any) and that matches ``pattern`` is not printed
 DROPPED_WORKER_LINES: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -55,9 +57,8 @@ def install_driver_filter() -> bool:
 
     Call after ``ray.init``. False when Ray's dispatcher has another shape (nothing filtered).
     """
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
+    dispatcher = worker_log_dispatcher()
+    if dispatcher is None:
         return False
     with dispatcher._lock:
         handlers = dispatcher.handlers

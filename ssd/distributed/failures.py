@@ -20,13 +20,14 @@ import traceback
 from typing import Any
 
 from ray.exceptions import RayActorError
+from ray.train import TrainingFailedError, WorkerGroupError
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.execution.failure_handling import FailurePolicy
-from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
-from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
 
 from ssd.distributed.console import quiet_train_console
+from ssd.distributed.ray_internals import train_failure_policy_types
 from ssd.training import PermanentError
+
+FailurePolicy, FailureDecision = train_failure_policy_types()
 
 
 def permanent_cause(error: BaseException | None) -> BaseException | None:

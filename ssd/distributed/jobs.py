@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ssd.distributed.ray_internals import pack_working_dir, walk_working_dir
 from ssd.local_state import running_ray
 
 #: the dashboard's request-body limit, which a working-dir upload must fit
@@ -76,28 +77,22 @@ def job_target(address: str | None = None) -> JobTarget:
 def upload_by_entry(root: Path) -> Counter[str]:
     """Bytes per top-level entry of ``root`` that a working-dir upload would include, by Ray's
     own rules (its packaging walk with ``.gitignore`` / ``.rayignore``)."""
-    from ray._private.runtime_env.packaging import _dir_travel
-
     sizes: Counter[str] = Counter()
 
     def add(path: Path) -> None:
         if path.is_file():
             sizes[path.relative_to(root).parts[0]] += path.stat().st_size
 
-    _dir_travel(root, [], add, include_gitignore=True, logger=logging.getLogger("ssd.jobs.quiet"))
+    walk_working_dir(root, add, logging.getLogger("ssd.jobs.quiet"))
     return sizes
 
 
 def check_working_dir(root: Path, limit: int = UPLOAD_LIMIT) -> int:
     """The size of ``root``'s upload package (as Ray builds it); ``SubmitError`` naming the
     largest included entries when it exceeds ``limit``."""
-    from ray._private.runtime_env.packaging import create_package
-
-    quiet = logging.getLogger("ssd.jobs.quiet")
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "working_dir.zip"
-        create_package(str(root), package, include_parent_dir=False, excludes=[], include_gitignore=True,
-                       logger=quiet)
+        pack_working_dir(root, package, logging.getLogger("ssd.jobs.quiet"))
         size = package.stat().st_size
     if size > limit:
         largest = ", ".join(f"{name} ({n / 2**20:.0f} MiB)" for name, n in upload_by_entry(root).most_common(3))

@@ -31,6 +31,7 @@ from ssd.config import Config, config_from_dict
 from ssd.distributed.cluster import ClusterTooSmall, Scaling, check_cluster_resources  # noqa: F401 - re-exported
 from ssd.distributed.console import quiet_train_console
 from ssd.distributed.failures import SSDTorchTrainer
+from ssd.distributed.ray_internals import placement_group, train_report_logger
 from ssd.tracking import Tracker
 from ssd.training import SCORE, RunOptions, errors_are_permanent, run_training
 
@@ -40,12 +41,9 @@ CHECKPOINT_PREFIX = "checkpoint-epoch-"
 def _quiet_report_logs() -> None:
     """Ray Train V2 logs every report (all metrics, every rank) at INFO from a logger named after
     its module file, outside the ``ray.train`` hierarchy that ``LoggingConfig`` sets."""
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # a Ray version with another layout: only noisier
-        pass
+    logger = train_report_logger()
+    if logger is not None:  # a Ray version with another layout: only noisier
+        logger.setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -104,8 +102,7 @@ def _write_placement_group(location: str) -> None:
 
 def release_placement_group(location: str | Path) -> bool:
     """Remove the placement group recorded at ``location`` if it still exists; True if removed."""
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, placement_group_table
+    from ray.util.placement_group import placement_group_table
 
     try:
         group_id = storage.read_text(location).strip()
@@ -114,7 +111,7 @@ def release_placement_group(location: str | Path) -> bool:
     entry = placement_group_table().get(group_id)
     if entry is None or entry.get("state") == "REMOVED":
         return False
-    ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+    ray.util.remove_placement_group(placement_group(group_id))
     return True
 
 
