@@ -29,8 +29,6 @@ from typing import Any, NoReturn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout (and from a Ray job's working dir) too
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
 from ssd import storage
 from ssd.checkpoint import INFERENCE_FILES, load_checkpoint
 from ssd.publish import DEFAULT_TIMEOUT, PublishError, publish_run

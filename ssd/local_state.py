@@ -40,6 +40,16 @@ class LocalMlflow:
     state: Path
 
 
+def same_endpoint(a: str, b: str) -> bool:
+    """Two ``[scheme://]host:port`` addresses naming the same endpoint (loopback spellings equal):
+    whether an address a user gave is that of a service start.sh runs."""
+    def split(address: str) -> tuple[str, str]:
+        host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+        return ("127.0.0.1" if host in ("localhost", "::1", "[::1]") else host), port
+
+    return split(a) == split(b)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

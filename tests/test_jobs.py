@@ -65,3 +65,12 @@ def test_the_job_address_comes_from_make_up_or_is_refused(tmp_path, monkeypatch)
     with pytest.raises(SubmitError, match="not a job-submission address"):
         job_target("127.0.0.1:6379")
     assert job_target("http://10.0.0.5:8265/").address == "http://10.0.0.5:8265"
+
+
+def test_an_address_is_recognised_however_loopback_is_spelled():
+    from ssd.local_state import same_endpoint
+
+    assert same_endpoint("http://localhost:8265/", "http://127.0.0.1:8265")
+    assert same_endpoint("127.0.0.1:6379", "localhost:6379")
+    assert not same_endpoint("http://127.0.0.1:8266", "http://127.0.0.1:8265")
+    assert not same_endpoint("http://10.0.0.5:8265", "http://127.0.0.1:8265")

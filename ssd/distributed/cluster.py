@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssd.distributed.ray_internals import reload_settings
-from ssd.local_state import LocalRay, running_ray, state_dir
+from ssd.local_state import LocalRay, running_ray, same_endpoint, state_dir
 
 #: Ray's single-machine mode: node address 127.0.0.1, so every server of the cluster binds
 #: loopback only (see infra/local/start.sh for what it changes)
@@ -105,20 +105,6 @@ class ClusterPlan:
         return self.kind == "private"
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-def _same_endpoint(a: str, b: str) -> bool:
-    """Two ``[scheme://]host:port`` addresses naming the same endpoint (loopback spellings equal)."""
-    def split(address: str) -> tuple[str, str]:
-        rest = address.split("://", 1)[-1].rstrip("/")
-        host, _, port = rest.rpartition(":")
-        return ("127.0.0.1" if _is_loopback(host) else host), port
-
-    return split(a) == split(b)
-
-
 def _head_plan(head: LocalRay, why: str) -> ClusterPlan:
     return ClusterPlan("local-head", head.gcs_address, f"the Ray head started by `make up` ({why}; state "
                        f"{head.state}, jobs at {head.dashboard})",
@@ -138,14 +124,14 @@ def plan(address: str | None = None) -> ClusterPlan:
     if explicit == "local":
         return ClusterPlan("private", None, "a private local Ray cluster (--address local)")
     if explicit.startswith(("http://", "https://")):
-        if head is not None and _same_endpoint(explicit, head.dashboard):
+        if head is not None and same_endpoint(explicit, head.dashboard):
             return _head_plan(head, f"{explicit}")
         where = f"`make up` runs one at {head.dashboard}" if head else f"`make up` is not running (state {state_dir()})"
         raise ClusterAddressError(
             f"{explicit} is a job-submission (dashboard) address, and it is not the head that `make up` "
             f"started ({where}); submit the script to it with `ray job submit --address {explicit} "
             f"--working-dir . -- python ...`, or give --address HOST:PORT of the cluster's GCS")
-    if head is not None and _same_endpoint(explicit, head.gcs_address):
+    if head is not None and same_endpoint(explicit, head.gcs_address):
         return _head_plan(head, explicit)
     return ClusterPlan("address", explicit, f"the Ray cluster at {explicit}")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssd.distributed.ray_internals import pack_working_dir, walk_working_dir
-from ssd.local_state import running_ray
+from ssd.local_state import running_ray, same_endpoint
 
 #: the dashboard's request-body limit, which a working-dir upload must fit
 #: (ray._private.ray_constants.DASHBOARD_CLIENT_MAX_SIZE in Ray 2.60)
@@ -67,7 +67,7 @@ def job_target(address: str | None = None) -> JobTarget:
                               "http://HOST:8265 (or set RAY_ADDRESS)")
         explicit = head.dashboard
     env: dict[str, str] = {}
-    own = head is not None and explicit.rstrip("/").replace("localhost", "127.0.0.1") == head.dashboard
+    own = head is not None and same_endpoint(explicit, head.dashboard)
     if own and not any(k in os.environ for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
         env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": head.token_file}
     what = f"the Ray head started by `make up` ({explicit})" if own else explicit
