@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_gpu_train.py --amp none --no-channels-last
     .venv/bin/python benchmarks/bench_gpu_train.py --device cpu --smoke   # tiny check of the script
 
-Ours: ``build_model(load_config("ssd300_vgg16"))`` driven by ``ssd.engine.Trainer(model, cfg,
+Ours: ``build_model(load_config("ssd300_vgg16"))`` driven by ``ssd.engine.StepRunner(model, cfg,
 optimizer, None, device, amp_dtype).step`` (the real step: uint8 images normalised on the device,
 ``pad_targets`` + ``match_priors`` + forward under autocast + ``MultiBoxLoss`` + ``zero_grad`` +
 ``backward`` + ``SGD.step``). Peer: torchvision's ``ssd300_vgg16(weights=None,
@@ -21,7 +21,7 @@ and the two forward passes checked equal first, on the CPU); the same autocast d
 (``--amp``); the same memory format (``--channels-last``: ours through
 ``train.channels_last``, torchvision through ``model.to(memory_format=torch.channels_last)``);
 ``--cudnn-benchmark`` on both or neither. ``--compile`` compiles our model only. fp16 runs without
-a GradScaler on either side (our Trainer has none): a timing, not a recipe.
+a GradScaler on either side (our StepRunner has none): a timing, not a recipe.
 
 Timing: ``--warmup`` untimed steps per side, then ``--iters`` timed steps per side, interleaved
 (ours, torchvision, torchvision, ours, ...); each step is timed with CUDA events (it ends with a
@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import ssd300_vgg16
 
 from ssd.config import load_config
-from ssd.engine import Trainer
+from ssd.engine import StepRunner
 from ssd.models import build_model
 
 NAME = "gpu_train"
@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ours_model.to(device)
     tv_model.to(device=device, memory_format=memory_format)
     ours_opt, tv_opt = sgd(ours_model), sgd(tv_model)
-    # Trainer puts the model in cfg's memory format; the step converts and normalises the images
-    trainer = Trainer(ours_model, cfg, ours_opt, None, device, amp_dtype)
+    # StepRunner puts the model in cfg's memory format; the step converts and normalises the images
+    trainer = StepRunner(ours_model, cfg, ours_opt, None, device, amp_dtype)
 
     images, boxes, labels = make_batch(args.batch, args.max_gt, args.seed, device)
     ours_targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]

@@ -66,12 +66,10 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from ssd.data.convert import convert
 from ssd.data.sharding import worker_split
 from ssd.data.shards import (
-    ShardLoader,
     ShardSet,
-    ShardStream,
-    decode_sample,
     read_samples,
 )
+from ssd.data.streaming import ShardLoader, ShardStream, decode_sample
 from ssd.data.voc import VOC_CLASSES, VocReader
 from ssd.engine import collate
 from ssd.transforms import build_transform, normalize

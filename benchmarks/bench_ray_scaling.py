@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_ray_scaling.py                 # ~5 minutes on 2 cores
     .venv/bin/python benchmarks/bench_ray_scaling.py --repeats 3 --epochs 4
 
-The real job (``ssd.distributed.trainer.build_trainer`` -> ``TorchTrainer`` -> DDP over gloo)
+The real job (``ssd.distributed.trainer.build_torch_trainer`` -> ``TorchTrainer`` -> DDP over gloo)
 trains the tiny preset on the synthetic shards (1536 images, made on first use), batch 16 per
 worker (data-parallel: 2 workers take 32 images per step). Per epoch, rank 0 reports images/s
 over the training part of the epoch (all ranks' images / rank 0's epoch time, evaluation and
@@ -41,15 +41,15 @@ def one_run(data: Path, workers: int, cpus: float, epochs: int, storage: str) ->
     """images/s of each epoch after the first, as rank 0 reported them."""
     from ssd.config import load_config
     from ssd.data.shards import ShardSet
-    from ssd.distributed.trainer import Scaling, build_trainer
+    from ssd.distributed.trainer import Scaling, build_torch_trainer
     from ssd.training import RunOptions
 
     classes = ShardSet.open(data / "train").num_classes
     cfg = load_config("tiny", [f"model.num_classes={classes}", f"train.epochs={epochs}", f"train.eval_every={epochs}"])
     options = RunOptions(train_data=str(data / "train"), val_data=str(data / "val"), log_every=10**6,
                          sample_images=0)
-    trainer = build_trainer(cfg, options, Scaling(workers, False, cpus), name=f"bench-{time.time_ns()}",
-                            storage_path=storage, max_failures=0, keep_checkpoints=epochs)
+    trainer = build_torch_trainer(cfg, options, Scaling(workers, False, cpus), name=f"bench-{time.time_ns()}",
+                                  storage_path=storage, max_failures=0, keep_checkpoints=epochs)
     result = trainer.fit()
     per_epoch = sorted((m["epoch"], m["images_per_s"]) for _, m in result.best_checkpoints)
     return [rate for epoch, rate in per_epoch if epoch > 1]

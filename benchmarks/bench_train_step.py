@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_train_step.py --threads 1 --repeats 7
     .venv/bin/python benchmarks/bench_train_step.py --nchw --out benchmarks/results/train_step_nchw.json
 
-Ours: ``build_model(load_config("ssd300_vgg16"))`` driven by ``ssd.engine.Trainer.step`` (the
+Ours: ``build_model(load_config("ssd300_vgg16"))`` driven by ``ssd.engine.StepRunner.step`` (the
 real step: ``pad_targets`` + ``match_priors`` + forward + ``MultiBoxLoss`` + ``zero_grad`` +
 ``backward`` + ``SGD.step``), in its default channels_last memory format (``--nchw``: the
 ``train.channels_last=false`` layout instead). Peer: torchvision's
@@ -34,7 +34,7 @@ from _common import case_result, finish, get_args_parser, time_side_by_side
 from torchvision.models.detection import ssd300_vgg16
 
 from ssd.config import load_config
-from ssd.engine import Trainer
+from ssd.engine import StepRunner
 from ssd.models import build_model
 
 NAME = "train_step"
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     std = torch.tensor(cfg.augment.std).view(1, 3, 1, 1)
     ours_images = (images - mean) / std
     ours_opt, tv_opt = sgd(ours_model), sgd(tv_model)
-    trainer = Trainer(ours_model, cfg, ours_opt)  # converts the model to cfg's memory format
+    trainer = StepRunner(ours_model, cfg, ours_opt)  # converts the model to cfg's memory format
     ours_targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
     tv_images = list(images)
     tv_targets = [{"boxes": b * SIZE, "labels": lab} for b, lab in zip(boxes, labels)]

@@ -47,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=8, help="samples per grid point of --space (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed for --space (default 0)")
     parser.add_argument("--iou", type=float, default=None,
-                        help="IoU threshold for a positive (default: the config's loss.iou_threshold, 0.5)")
+                        help="IoU threshold for a positive (default: the config's matching.iou_threshold, 0.5)")
     parser.add_argument("--max-images", type=int, default=None, help="read only the first N images")
     parser.add_argument("--keep-difficult", action="store_true",
                         help="count difficult objects too (training matches them by default; VOC07 mAP ignores them)")

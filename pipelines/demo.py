@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssd.data.convert import default_data_home, ensure_synthetic_shards
-from ssd.distributed.jobs import SubmitError, submit
+from ssd.distributed.submission import SubmitError, submit
 from ssd.local_state import running_mlflow, running_ray, state_dir
 
 

@@ -10,7 +10,7 @@ COCO ground-truth file.
 
 Model mode (``--model`` and ``--data``): runs a model over every image of a shard set
 (``pipelines/make_shards.py``: a folder with ``dataset.json``, that file, or an ``s3://`` / http
-URL) and scores it exactly as training's validation does (``ssd.scoring.evaluate_checkpoint``).
+URL) and scores it exactly as training's validation does (``ssd.scoring.evaluate_reference``).
 ``--model`` is a model reference (``ssd.registry``): ``models:/NAME@ALIAS``,
 ``models:/NAME/VERSION``, ``runs:/RUN_ID/model`` or a checkpoint folder; registered models are
 looked up at ``--mlflow-uri`` (default ``$MLFLOW_TRACKING_URI``, else the local SQLite store of
@@ -49,10 +49,7 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +145,7 @@ def main(args: argparse.Namespace) -> dict:
     for flag, path in (("--coco-gt", args.coco_gt), ("--detections", args.detections)):
         if not path.is_file():
             raise SystemExit(f"error: {flag} file not found: {path}")
-    from ssd.evaluate import coco_evaluate
+    from ssd.evaluation import coco_evaluate
 
     log.info("evaluating %s against %s", args.detections, args.coco_gt)
     try:
@@ -174,144 +171,41 @@ def _write_output(path: Path | None, text: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def data_name(spec: str) -> str:
-    """The shard set's folder name: ``shards/voc/val`` and ``shards/voc/val/dataset.json`` ->
-    ``val``; ``s3://bucket/voc/val/`` -> ``val``."""
-    text = spec.rstrip("/")
-    if text.endswith(".json"):
-        text = text.rsplit("/", 1)[0] if "/" in text else "."
-    name = text.rsplit("/", 1)[-1]
-    if name in ("", ".", "..") and "://" not in text:
-        name = Path(text or ".").resolve().name
-    return name or "data"
-
-
-def _mlflow_env() -> None:
-    # fail in seconds, not minutes of retries, when the server is unreachable (as ssd.tracking)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
 def main_model(args: argparse.Namespace) -> dict[str, Any]:
     """Model mode: evaluate ``--model`` on ``--data``; print (and log) the result."""
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
     import torch
 
-    from ssd.registry import ModelReferenceError, is_model_uri, resolve_model
-    from ssd.reporting import json_safe
-    from ssd.scoring import evaluate_checkpoint, flat_metrics
-    from ssd.tracking import resolve_tracking_uri
+    from ssd.registry import ModelReferenceError
+    from ssd.scoring import EvaluationRequest, LoggingFailed, evaluate_reference
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA device is available here")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tracking_uri = None
-    if is_model_uri(args.model) or args.log_to_mlflow:
-        tracking_uri = resolve_tracking_uri(args.mlflow_uri)
-        _mlflow_env()
-    with tempfile.TemporaryDirectory(prefix="ssd-evaluate-") as tmp:
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON only
-                resolved = resolve_model(args.model, tracking_uri, dst=tmp)
-        except ModelReferenceError as err:
-            raise SystemExit(f"error: --model {err}") from None
-        log.info("evaluating %s on %s (%s)", resolved.label, args.data, device)
-        try:
-            scored = evaluate_checkpoint(resolved.checkpoint, args.data, device=device, batch_size=args.batch_size)
-        except (FileNotFoundError, ValueError) as err:
-            # The library's messages name the shard set, the checkpoint or the class lists.
-            raise SystemExit(f"error: {err}") from None
-        except (OSError, RuntimeError) as err:  # unreadable shards, a failing device
-            raise SystemExit(f"error: evaluating {args.model} on {args.data} failed: "
-                             f"{type(err).__name__}: {err}") from None
-    result = json_safe({"model": args.model, "name": resolved.name, "version": resolved.version, **scored})
-    if args.log_to_mlflow:
-        try:
-            # MLflow prints "View run ... at: URL" on stdout, which is for the JSON only
-            with contextlib.redirect_stdout(sys.stderr):
-                run_id = log_evaluation(result, flat_metrics(scored), resolved, args.data, tracking_uri,
-                                        args.experiment)
-        except Exception as err:  # noqa: BLE001 - any MLflow failure fails the explicit request
-            _write_output(args.output, json.dumps(result, allow_nan=False))
-            kept = f"; the result is in {args.output}" if args.output is not None else ""
-            raise SystemExit(f"error: logging the evaluation to MLflow at {tracking_uri} failed: "
-                             f"{type(err).__name__}: {err}{kept}") from None
-        result["mlflow_run_id"] = run_id
+    request = EvaluationRequest(
+        model=args.model, data=args.data, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        batch_size=args.batch_size, mlflow_uri=args.mlflow_uri,
+        experiment=args.experiment if args.log_to_mlflow else None)
+    try:
+        # stdout is for the JSON only (MLflow prints "View run ... at: URL" there)
+        with contextlib.redirect_stdout(sys.stderr):
+            result = evaluate_reference(request)
+    except ModelReferenceError as err:
+        raise SystemExit(f"error: --model {err}") from None
+    except LoggingFailed as err:  # an explicit request: the command fails, the result is kept
+        _write_output(args.output, json.dumps(err.result, allow_nan=False))
+        kept = f"; the result is in {args.output}" if args.output is not None else ""
+        raise SystemExit(f"error: {err}{kept}") from None
+    except (FileNotFoundError, ValueError) as err:
+        # The library's messages name the shard set, the checkpoint or the class lists.
+        raise SystemExit(f"error: {err}") from None
+    except (OSError, RuntimeError) as err:  # unreadable shards, a failing device
+        raise SystemExit(f"error: evaluating {args.model} on {args.data} failed: "
+                         f"{type(err).__name__}: {err}") from None
     text = json.dumps(result, allow_nan=False)
     _write_output(args.output, text)
     print(text, flush=True)
     return result
-
-
-def log_evaluation(result: dict[str, Any], metrics: dict[str, float], resolved: Any, data: str, tracking_uri: str,
-                   experiment: str) -> str:
-    """Log an evaluation to MLflow; returns the new run's id.
-
-    Args:
-        result: the printed JSON (the run's ``evaluation.json`` artifact).
-        metrics: ``ssd.scoring.flat_metrics`` of the result (the run's metrics).
-        resolved: the evaluated model (``ssd.registry.ResolvedModel``): its ``model_id`` links
-            the metrics to the logged model; a registered ``name``/``version`` gets the
-            ``eval/<data folder name>/...`` tags.
-    Raises:
-        Any MLflow failure (the run, if created, is then marked FAILED).
-    """
-    import mlflow
-    from mlflow.entities import Metric, Param
-
-    from ssd.tracking import mlflow_home
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    name = data_name(data)
-    data_hash = result.get("data_hash")
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        location = None
-        if tracking_uri.startswith("sqlite:") or "://" not in tracking_uri:  # as ssd.tracking.Tracker
-            location = (mlflow_home() / "artifacts" / experiment).as_uri()
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
-    else:
-        experiment_id = found.experiment_id
-    tags = {"ssd.model": resolved.reference, "ssd.data_name": name}
-    if resolved.name:
-        tags.update({"ssd.model_name": resolved.name, "ssd.model_version": str(resolved.version)})
-    run = client.create_run(experiment_id, run_name=f"evaluate {resolved.label} on {name}", tags=tags)
-    run_id = run.info.run_id
-    try:
-        params = {"model": resolved.reference, "data": data, "data_hash": data_hash or "",
-                  "images": result.get("images")}
-        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        if resolved.model_id:
-            digest = data_hash[:36] if data_hash else None
-            for key, value in metrics.items():
-                client.log_metric(run_id, key, value, step=0, model_id=resolved.model_id,
-                                  dataset_name=name, dataset_digest=digest)
-        else:
-            client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()])
-        with tempfile.TemporaryDirectory(prefix="ssd-evaluate-") as tmp:
-            path = Path(tmp) / "evaluation.json"
-            path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-            client.log_artifact(run_id, str(path))
-        if resolved.name and resolved.version:
-            prefix = f"eval/{name}"
-            version_tags = {f"{prefix}/mAP": f"{float(result['AP']):.6f}",
-                            f"{prefix}/AP50": f"{float(result['AP50']):.6f}"}
-            if result.get("VOC07") is not None:
-                voc_map = result["VOC07"]["mAP"]  # None: no class had ground truth
-                version_tags[f"{prefix}/VOC07_mAP"] = "nan" if voc_map is None else f"{float(voc_map):.6f}"
-            version_tags.update({f"{prefix}/data_hash": data_hash or "", f"{prefix}/run_id": run_id})
-            for key, value in version_tags.items():
-                client.set_model_version_tag(resolved.name, str(resolved.version), key, value)
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        try:
-            client.set_terminated(run_id, "FAILED")
-        except Exception:  # noqa: BLE001, S110 - the original error is the one to report
-            pass
-        raise
-    log.info("logged the evaluation as MLflow run %s (experiment %s) at %s", run_id, experiment, tracking_uri)
-    return run_id
 
 
 if __name__ == "__main__":

@@ -31,26 +31,16 @@ With ``--from-registry`` and no ``--config``, stage 2 starts from the registry m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout (and from a Ray job's working dir) too
-sys.path.insert(0, str(ROOT / "pipelines"))
 
-import train  # pipelines/train.py, importable after the path set-up
-
-from ssd.config import ConfigError, load_config
-from ssd.data.shards import ShardSet, join_spec
-from ssd.tracking import Tracker, resolve_tracking_uri
-from ssd.transfer import IncompatibleModels, check_compatible, finetune_config
-
-
-class PipelineError(Exception):
-    """A request that cannot run, or a stage whose result cannot be handed on."""
+from ssd.distributed.pretrain_finetune_job import run_pretrain_finetune
+from ssd.jobs.common import request_from_args, run_from_cli
+from ssd.jobs.pretrain_finetune import PipelineRequest
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -96,176 +86,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _shards(folder: str, flag: str) -> dict[str, ShardSet]:
-    try:
-        return {split: ShardSet.open(join_spec(folder, split)) for split in ("train", "val")}
-    except (FileNotFoundError, ValueError) as err:
-        raise PipelineError(f"{flag} {folder}: {err}") from None
-
-
-def finetune_config_name(args: argparse.Namespace) -> str | None:
-    """Stage 2's ``--config``: stage 1's preset (its training settings, not stage 1's overrides),
-    or with ``--from-registry`` the one given (None: all of the registry model's config)."""
-    if args.from_registry is None:
-        return args.config or "tiny"
-    return args.config
-
-
-def stage_configs(args: argparse.Namespace, coco: dict[str, ShardSet] | None, voc: dict[str, ShardSet] | None,
-                  source_config: Any | None = None) -> tuple[Any | None, Any | None]:
-    """The configs the two stages will train with, as ``pipelines/train.py`` resolves them, to
-    check their compatibility before anything trains."""
-    try:
-        cfg1 = None
-        if coco is not None:
-            extra = [f"train.epochs={args.pretrain_epochs}"] if args.pretrain_epochs else []
-            cfg1 = load_config(args.config or "tiny", [f"model.num_classes={coco['train'].num_classes}", *args.pretrain, *extra])
-            source_config = cfg1
-        cfg2 = None
-        if voc is not None and source_config is not None:
-            name = finetune_config_name(args)
-            extra = [f"train.epochs={args.finetune_epochs}"] if args.finetune_epochs else []
-            cfg2 = finetune_config(source_config, load_config(name) if name else None, [*args.finetune, *extra],
-                                   voc["train"].num_classes)
-    except ConfigError as err:
-        raise PipelineError(f"config: {err}") from None
-    return cfg1, cfg2
-
-
-def _common_train_args(args: argparse.Namespace, uri: str, parent_run_id: str) -> list[str]:
-    argv = ["--workers", str(args.workers), "--cpus-per-worker", str(args.cpus_per_worker),
-            "--mlflow-uri", uri, "--experiment", args.experiment, "--parent-run-id", parent_run_id,
-            "--log-every", str(args.log_every), "--loader-workers", str(args.loader_workers), "--amp", args.amp,
-            "--max-failures", str(args.max_failures), "--keep-checkpoints", str(args.keep_checkpoints),
-            "--alias", args.alias, "--eval-device", args.eval_device]
-    if args.use_gpu is not None:
-        argv.append("--gpu" if args.use_gpu else "--cpu")
-    if args.address:
-        argv += ["--address", args.address]
-    if args.storage_path:
-        argv += ["--storage-path", args.storage_path]
-    return argv
-
-
-def run_stage(argv: list[str], what: str) -> dict[str, Any]:
-    """``pipelines/train.py`` in this process (same Ray connection); its summary."""
-    print(f"\n=== {what}: train.py {' '.join(argv)}", flush=True)
-    try:
-        summary = train.main(train.get_args_parser().parse_args(argv))
-    except SystemExit as err:
-        raise PipelineError(f"{what} failed: {err}") from None
-    if summary.get("error") or not summary.get("champion_comparison"):  # not registered, or no champion decision
-        raise PipelineError(f"{what}: {summary.get('error') or 'the model was not registered (see above)'}; the "
-                            f"checkpoint is {summary.get('best_checkpoint')}")
-    return summary
-
-
-def record_promotion(parent: Tracker, prefix: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """Put a stage's champion decision (made by train.py, ``ssd.registry.apply_champion_rule``)
-    on the parent run: tags ``<prefix>.model``, ``.promoted``, ``.champion_comparison`` and
-    metrics ``<prefix>/mAP``, ``<prefix>/champion_mAP``. Returns the comparison."""
-    record = summary["champion_comparison"]
-    name, version = summary["registered_name"], summary["registered_version"]
-    parent.set_tags({f"{prefix}.model": f"{name}/{version}", f"{prefix}.promoted": record["promoted"],
-                     f"{prefix}.champion_comparison": json.dumps(record, sort_keys=True)})
-    previous = record["champion_score"]
-    parent.log_metrics({f"{prefix}/mAP": record["score"]} | ({f"{prefix}/champion_mAP": previous}
-                                                             if previous not in (None, float("-inf")) else {}))
-    return record
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        return _main(args)
-    except PipelineError as err:
-        raise SystemExit(f"error: {err}") from None
-
-
-def _main(args: argparse.Namespace) -> dict[str, Any]:
-    from ssd.registry import ModelReferenceError, resolve_model
-
-    stage1 = args.from_registry is None
-    if stage1 and not args.coco_data:
-        raise PipelineError("give --coco-data (stage 1), or --from-registry to start from a registered model")
-    if not args.pretrain_only and not args.voc_data:
-        raise PipelineError("give --voc-data (stage 2), or --pretrain-only")
-    if args.pretrain_only and not stage1:
-        raise PipelineError("--pretrain-only and --from-registry leave nothing to run")
-    uri = resolve_tracking_uri(args.mlflow_uri)
-
-    # --- everything that can be refused is refused before any training ---------------------
-    coco = _shards(args.coco_data, "--coco-data") if stage1 else None
-    voc = _shards(args.voc_data, "--voc-data") if not args.pretrain_only else None
-    source_ref = args.from_registry or f"models:/{args.coco_name}@{args.alias}"
-    source = None
-    if not stage1:
-        try:
-            source = resolve_model(source_ref, uri)
-        except ModelReferenceError as err:
-            raise PipelineError(f"--from-registry: {err}") from None
-        from ssd.checkpoint import load_checkpoint
-
-        source_config = load_checkpoint(source.checkpoint).config
-    else:
-        source_config = None
-    cfg1, cfg2 = stage_configs(args, coco, voc, source_config)
-    if cfg2 is not None:
-        try:
-            for warning in check_compatible(cfg1 if stage1 else source_config, cfg2):
-                print(f"warning: {warning}", file=sys.stderr, flush=True)
-        except IncompatibleModels as err:
-            origin = f"stage 1 ({args.config or 'tiny'})" if stage1 else source_ref
-            raise PipelineError(f"the finetune config does not fit the model of {origin}: {err}") from None
-
-    name = args.name or f"pretrain-finetune-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = Tracker(uri, args.experiment, name, tags={"pipeline": "pretrain_finetune"})
-    if not parent.active:
-        raise PipelineError(f"MLflow at {uri} is needed for the registry hand-off: {parent.failure}")
-    parent.log_params({"coco_data": args.coco_data, "voc_data": args.voc_data, "config": args.config,
-                       "from_registry": args.from_registry, "freeze_backbone_epochs": args.freeze_backbone_epochs,
-                       "coco_name": args.coco_name, "voc_name": args.voc_name, "workers": args.workers})
-    summary: dict[str, Any] = {"name": name, "mlflow_run_id": parent.run_id, "mlflow_uri": uri}
-    status = "FAILED"
-    try:
-        common = _common_train_args(args, uri, parent.run_id)
-        if stage1:
-            argv = ["--config", args.config or "tiny", "--data", args.coco_data, "--register-as", args.coco_name,
-                    "--name", f"{name}-pretrain", *common, *(["--epochs", str(args.pretrain_epochs)]
-                                                             if args.pretrain_epochs else []), *args.pretrain]
-            result = run_stage(argv, "stage 1: pretrain")
-            result["promotion"] = record_promotion(parent, "pretrain", result)
-            summary["pretrain"] = result
-        if not args.pretrain_only:
-            name2 = finetune_config_name(args)
-            argv = [*(["--config", name2] if name2 else []), "--init-from", source_ref, "--data", args.voc_data,
-                    "--register-as", args.voc_name,
-                    "--name", f"{name}-finetune", "--freeze-backbone-epochs", str(args.freeze_backbone_epochs),
-                    *common, *(["--epochs", str(args.finetune_epochs)] if args.finetune_epochs else []),
-                    *args.finetune]
-            result = run_stage(argv, f"stage 2: finetune from {source_ref}")
-            result["promotion"] = record_promotion(parent, "finetune", result)
-            result["init_from"] = source_ref
-            summary["finetune"] = result
-        status = "FINISHED"
-    finally:
-        parent.end(status)
-    print_summary(summary)
-    if args.summary_json:
-        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps(summary, indent=2, default=str))
-    return summary
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    lines = [f"\npipeline {summary['name']} (MLflow parent run {summary['mlflow_run_id']} at {summary['mlflow_uri']})"]
-    for stage in ("pretrain", "finetune"):
-        if stage in summary:
-            s = summary[stage]
-            promotion = s["promotion"]
-            lines.append(f"  {stage}: {s['registered_name']} v{s['registered_version']}  mAP {s['mAP']:.4f}"
-                         + (f"  VOC07 mAP {s['VOC07_mAP']:.4f}" if s.get("VOC07_mAP") is not None else "")
-                         + f"  ({'promoted to champion' if promotion['promoted'] else 'champion unchanged'})")
-    print("\n".join(lines), flush=True)
+    return run_from_cli(run_pretrain_finetune, request_from_args(PipelineRequest, args), args.summary_json)
 
 
 if __name__ == "__main__":

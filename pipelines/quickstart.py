@@ -28,11 +28,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, too
 
 from ssd.config import load_config
 from ssd.data.convert import default_data_home, ensure_synthetic_shards
-from ssd.data.shards import ShardLoader, ShardSet, ShardStream
-from ssd.engine import Trainer, build_optimizer, build_scheduler, evaluate
-from ssd.evaluate import CocoEvaluator
+from ssd.data.shards import ShardSet
+from ssd.evaluation.service import evaluate_on_shards
 from ssd.models import build_model
-from ssd.transforms import build_transform
+from ssd.training import RunOptions, run_training
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,44 +59,22 @@ def main(args: argparse.Namespace) -> dict:
         args.data = ensure_synthetic_shards(default_data_home() / name, args.train_images, args.val_images,
                                             seed=base_cfg.train.seed, log=lambda line: print(line, flush=True))
     train_set, val_set = ShardSet.open(args.data / "train"), ShardSet.open(args.data / "val")
-    cfg = load_config(args.config, [f"model.num_classes={train_set.num_classes}", *args.overrides])
-    torch.manual_seed(cfg.train.seed)
+    # evaluated once, at the end (and once before training, below)
+    cfg = load_config(args.config, [f"model.num_classes={train_set.num_classes}", f"train.epochs={args.epochs}",
+                                    f"train.eval_every={args.epochs}", *args.overrides])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size = cfg.priors.image_size
-    # normalize=False: loaders hand over uint8 batches; the trainer normalises them on the device.
-    train_tf = build_transform(size, cfg.augment.strength, train=True, mean=cfg.augment.mean, normalize=False)
-    # min_size=0: evaluation keeps every annotated object, however small at the network size.
-    eval_tf = build_transform(size, 0.0, train=False, min_size=0.0, normalize=False)
-    train_loader = ShardLoader(ShardStream(train_set, train_tf, train=True, seed=cfg.train.seed),
-                               cfg.train.batch_size, num_workers=args.workers)
-    val_loader = ShardLoader(ShardStream(val_set, eval_tf, train=False), cfg.train.batch_size, num_workers=0)
 
-    model = build_model(cfg).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, args.epochs * len(train_loader))
-    trainer = Trainer(model, cfg, optimizer, scheduler, device)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"{cfg.model.arch}: {params / 1e6:.2f} M parameters, {cfg.priors.num_priors()} priors; "
-          f"{train_set.num_samples} training images in {len(train_set.urls)} shards "
-          f"({len(train_loader)} steps per epoch), {val_set.num_samples} validation images; device {device}",
-          flush=True)
-
-    def coco_map() -> dict:
-        return evaluate(model, val_loader, cfg, CocoEvaluator(list(val_set.classes)), device).compute()
-
-    before = coco_map()["AP50"]
-    losses = []
+    torch.manual_seed(cfg.train.seed)  # the initial weights run_training starts from
+    before = evaluate_on_shards(build_model(cfg), cfg, val_set, device, cfg.train.batch_size)["AP50"]
+    losses: list[float] = []
     start = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        train_loader.set_epoch(epoch)
-        m = trainer.train_epoch(train_loader)
-        losses.append(m["loss"])
-        print(f"epoch {epoch:2d}/{args.epochs}  loss {m['loss']:.3f} (loc {m['loss_loc']:.3f}, "
-              f"conf {m['loss_conf']:.3f})  lr {m['lr']:.4f}  {m['images_per_s']:.0f} img/s", flush=True)
-    metrics = coco_map()
+    # The same loop as every Ray worker's (ssd.training), in this process: no Ray, no MLflow.
+    metrics = run_training(cfg, RunOptions(str(args.data / "train"), str(args.data / "val"),
+                                           loader_workers=args.workers, sample_images=0),
+                           device=device, report=lambda epoch, _save: losses.append(epoch["loss"]))
     print(f"trained in {time.perf_counter() - start:.0f} s; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"validation AP50: {before:.3f} before training -> {metrics['AP50']:.3f} after; "
-          f"COCO AP {metrics['AP']:.3f}")
+          f"COCO AP {metrics['mAP']:.3f}")
     if not losses[-1] < losses[0]:
         raise SystemExit(f"the loss did not fall ({losses[0]:.3f} -> {losses[-1]:.3f})")
     return metrics

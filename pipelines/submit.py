@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ssd.distributed.jobs import SubmitError, submit
+from ssd.distributed.submission import SubmitError, submit
 
 
 def get_args_parser() -> argparse.ArgumentParser:

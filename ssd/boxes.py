@@ -1,6 +1,6 @@
 """Pure tensor box operations.
 
-Conventions (see docs/DESIGN.md, "Contracts"):
+Conventions (see ARCHITECTURE.md, "Contracts"):
 - ``xyxy``: (..., 4) ``x1, y1, x2, y2`` with x2 >= x1, y2 >= y1.
 - ``cxcywh``: (..., 4) ``cx, cy, w, h``; priors are (P, 4) cxcywh in [0, 1].
 

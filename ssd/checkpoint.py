@@ -1,6 +1,6 @@
 """Training checkpoints: one directory per checkpoint, written atomically, loaded weights-only.
 
-Layout of a checkpoint directory (DESIGN.md section 3, "Checkpoint")::
+Layout of a checkpoint directory (ARCHITECTURE.md, "Contracts")::
 
     model.pt       the model's state dict (unwrapped from DDP / torch.compile)
     training.pt    optimizer, LR scheduler and grad-scaler states, torch RNG state
@@ -167,13 +167,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     )
 
 
-def _read_meta(file: Path) -> dict[str, Any]:
+def _read_mapping(file: Path, kind: str) -> dict[str, Any]:
+    """The top-level mapping of a JSON or YAML (``kind``) file of a checkpoint."""
+    parse, errors, mapping = ((json.loads, json.JSONDecodeError, "a JSON object") if kind == "JSON"
+                              else (yaml.safe_load, yaml.YAMLError, "a YAML mapping"))
     try:
-        meta = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{file}: not a checkpoint of this project (not JSON)") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{file}: not a checkpoint of this project (not a JSON object)")
+        data = parse(file.read_text())
+    except (UnicodeDecodeError, errors):
+        raise CheckpointError(f"{file}: not a checkpoint of this project (not {kind})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: not a checkpoint of this project (not {mapping})")
+    return data
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    meta = _read_mapping(file, "JSON")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{file}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}"
@@ -185,12 +193,7 @@ def _read_meta(file: Path) -> dict[str, Any]:
 
 
 def _read_config(file: Path) -> Config:
-    try:
-        data = yaml.safe_load(file.read_text())
-    except (UnicodeDecodeError, yaml.YAMLError):
-        raise CheckpointError(f"{file}: not a checkpoint of this project (not YAML)") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: not a checkpoint of this project (not a YAML mapping)")
+    data = _read_mapping(file, "YAML")
     try:
         return config_from_dict(data)
     except ConfigError as err:  # e.g. a value that a newer version of ssd.config refuses

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from ssd.coding import MatchingConfig
 from ssd.fields import Bool, Int, Maybe, Num, OneOf, Seq, Str, check_fields
 from ssd.postprocess import PostprocessConfig
 from ssd.priors import PriorSpec, PriorSpecError
@@ -71,9 +72,6 @@ class LossConfig:
     neg_ratio: float = 3.0
     #: weight alpha of the localisation term (paper eq. 1: 1)
     loc_weight: float = 1.0
-    #: IoU at or above which a prior matches a ground-truth box
-    iou_threshold: float = 0.5
-    variances: tuple[float, float] = (0.1, 0.2)
 
     def __post_init__(self) -> None:
         check_fields(
@@ -82,10 +80,6 @@ class LossConfig:
             # learns to call every prior an object (the ablation "no mining" is a large ratio).
             neg_ratio=Num("> 0"),
             loc_weight=Num(">= 0"),  # 0: classification only, a meaningful ablation
-            # 0 would match every prior to some box; 1 only exact copies (the forced best match
-            # per box still applies)
-            iou_threshold=Num("(0, 1]"),
-            variances=Seq(Num("> 0"), length=2),  # the encoding divides by them
         )
 
 
@@ -171,6 +165,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     priors: PriorSpec = field(default_factory=lambda: PriorSpec.preset("tiny"))
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
@@ -210,12 +205,39 @@ def _plain(value: Any) -> Any:
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "priors": PriorSpec,
+    "matching": MatchingConfig,
     "loss": LossConfig,
     "augment": AugmentConfig,
     "postprocess": PostprocessConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
 }
+
+
+#: keys that moved to another section: configs saved before the move (checkpoints, registered
+#: models, YAML files) are read with the value in its new place; overrides get a pointer
+MOVED_KEYS: dict[str, str] = {
+    "loss.iou_threshold": "matching.iou_threshold",
+    "loss.variances": "matching.variances",
+}
+
+
+def _move_old_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with ``MOVED_KEYS`` in their current sections (an explicit new key wins)."""
+    data = dict(data)
+    for old, new in MOVED_KEYS.items():
+        old_section, old_key = old.split(".")
+        new_section, new_key = new.split(".")
+        section = data.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        section = dict(section)
+        value = section.pop(old_key)
+        data[old_section] = section
+        target = dict(data.get(new_section) or {})
+        target.setdefault(new_key, value)
+        data[new_section] = target
+    return data
 
 
 def _field_names(cls: type) -> list[str]:
@@ -271,6 +293,7 @@ def _resolve_priors(values: dict[str, Any]) -> PriorSpec:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
+    data = _move_old_keys(data)
     unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; known sections: {sorted(_SECTIONS)}")
@@ -285,12 +308,25 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides to a raw config dict (values parsed as YAML)."""
-    data = copy.deepcopy(data)
+    values: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        parts = key.strip().split(".")
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:  # e.g. "optim.milestones=[0.5,": one line, not YAML's five
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ConfigError(f"override {item!r}: the value is not YAML ({problem})") from None
+    return set_values(data, values)
+
+
+def set_values(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the raw config dict ``data`` with ``{"section.key": value}`` set (values as
+    they are: a sweep's sampled values, an override's parsed YAML). Keys are checked here."""
+    data = copy.deepcopy(data)
+    for key, value in values.items():
+        parts = key.split(".")
         if len(parts) != 2:
             raise ConfigError(f"override key {key!r} must be 'section.key'")
         section, name = parts
@@ -298,19 +334,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(
                 f"unknown key {key!r}: no section {section!r}; known sections: {sorted(_SECTIONS)}"
             )
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{key} is now {MOVED_KEYS[key]}")
         if name not in _field_names(_SECTIONS[section]):
             raise ConfigError(
                 f"unknown key {key!r}; known keys in '{section}': "
                 f"{sorted(_field_names(_SECTIONS[section]))}"
             )
-        data.setdefault(section, {})
-        if data[section] is None:
+        if data.get(section) is None:
             data[section] = {}
-        try:
-            data[section][name] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:  # e.g. "optim.milestones=[0.5,": one line, not YAML's five
-            problem = getattr(err, "problem", None) or type(err).__name__
-            raise ConfigError(f"override {item!r}: the value is not YAML ({problem})") from None
+        data[section][name] = value
+    return data
+
+
+def read_yaml_mapping(path: Path, error: type[Exception], top_level: str) -> dict[str, Any]:
+    """The top-level mapping of the YAML file ``path`` (empty file: ``{}``); otherwise ``error``
+    naming the file: "not valid YAML: ..." or "the top level must be ``top_level``"."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: the top level must be {top_level}")
     return data
 
 
@@ -322,12 +367,7 @@ def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None =
     if not path.is_file():
         presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"config {str(name_or_path)!r} not found; presets: {presets}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = read_yaml_mapping(path, ConfigError, "a mapping of sections")
     try:
         return config_from_dict(apply_overrides(data, overrides or []))
     except ConfigError as err:

@@ -18,13 +18,26 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from ssd.reporting import PALETTE
+__all__ = ["PALETTE", "class_colors", "draw_detections"]
 
-__all__ = ["class_colors", "draw_detections"]
+#: Per-class colours (RGB), label ``l`` gets ``PALETTE[(l - 1) % len(PALETTE)]`` in evaluation
+#: reports: matplotlib's tab10 without its green, which is reserved for ground truth
+#: (``ssd.reporting.GT_COLOR``).
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
 
 
 def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
-    """One RGB colour per class: :data:`ssd.reporting.PALETTE` first, then evenly spaced hues."""
+    """One RGB colour per class: :data:`PALETTE` first, then evenly spaced hues."""
     colors = list(PALETTE[:num_classes])
     extra = num_classes - len(colors)
     for i in range(extra):  # golden-ratio hue steps keep neighbouring labels apart

@@ -1,7 +1,8 @@
 """Training and evaluation loops in plain PyTorch (no Ray): each returns a dict of metrics.
 
-The step is short, as detectron2's ``train_loop``: batch -> match on the device -> forward -> loss
-dict -> backward -> step. Scheduling, evaluation, checkpoints and logging are hooks around it.
+The step is short, as detectron2's ``SimpleTrainer.run_step``: batch -> targets from the model's box
+coding on the device -> forward -> loss dict -> backward -> optimizer and LR-schedule step.
+Evaluation, checkpoints and logging are hooks around it (``ssd.train_loop``, ``ssd.train_hooks``).
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ssd.boxes import DEFAULT_VARIANCES
+from ssd.checkpoint import unwrap
+from ssd.coding import BoxCoding
 from ssd.config import Config, OptimConfig
 from ssd.loss import MultiBoxLoss
-from ssd.matching import match_priors, pad_targets
-from ssd.postprocess import PostprocessConfig, postprocess
+from ssd.matching import pad_targets
+from ssd.postprocess import PostprocessConfig
 from ssd.transforms import normalize
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]
@@ -75,11 +76,34 @@ def network_input(
     return images.contiguous(memory_format=memory_format)
 
 
-class Trainer:
-    """Owns the model, priors, loss and optimizer of one process and runs the step.
+class MeanMeter:
+    """Running means of step metrics and the image throughput of one epoch."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.steps = self.images = 0
+        self.start = time.perf_counter()
+
+    def add(self, metrics: dict[str, float], images: int) -> None:
+        self.steps += 1
+        self.images += images
+        for key, value in metrics.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
+
+    def means(self) -> dict[str, float]:
+        """Mean of every metric, plus ``steps``, ``images`` and ``images_per_s``."""
+        elapsed = time.perf_counter() - self.start
+        out = {key: value / max(self.steps, 1) for key, value in self.totals.items()}
+        return out | {"steps": self.steps, "images": self.images,
+                      "images_per_s": self.images / max(elapsed, 1e-9)}
+
+
+class StepRunner:
+    """Owns the model, loss and optimizer of one process and runs the step.
 
     Args:
-        model: an SSD returning (loc (B,P,4), logits (B,P,C)); may be DDP-wrapped.
+        model: an SSD returning (loc (B,P,4), logits (B,P,C)); may be DDP-wrapped. Its box
+            coding (``model.coding``: priors, matcher, coder) makes the step's targets.
         cfg: the resolved run config.
         device: where the step runs; targets are matched there.
         amp_dtype: autocast dtype (torch.bfloat16 on GPUs that have it) or None for fp32.
@@ -101,7 +125,7 @@ class Trainer:
         self.scheduler = scheduler
         self.device = torch.device(device)
         self.amp_dtype = amp_dtype
-        self.priors = cfg.priors.generate(device=self.device)
+        self.coding: BoxCoding = unwrap(model).coding
         self.criterion = MultiBoxLoss(cfg.loss.neg_ratio, cfg.loss.loc_weight)
         self.iteration = 0
         #: a part of the model kept in eval mode while training (a frozen backbone's BatchNorm
@@ -116,12 +140,8 @@ class Trainer:
     def step(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, float]:
         """One optimisation step on a batch; targets hold ``boxes`` in [0, 1] and ``labels``."""
         images = network_input(images, self.cfg, self.device, self.memory_format)
-        gt_boxes, gt_labels, gt_mask = pad_targets(
-            [t["boxes"] for t in targets], [t["labels"] for t in targets], self.device
-        )
-        labels, box_targets = match_priors(
-            self.priors, gt_boxes, gt_labels, gt_mask, self.cfg.loss.iou_threshold, self.cfg.loss.variances
-        )
+        padded = pad_targets([t["boxes"] for t in targets], [t["labels"] for t in targets], self.device)
+        labels, box_targets = self.coding.targets(*padded)
         self.model.train()
         if self.frozen is not None:
             self.frozen.eval()
@@ -152,75 +172,28 @@ class Trainer:
         on_step: Callable[[int, dict[str, float]], None] | None = None,
     ) -> dict[str, float]:
         """Run steps over ``batches`` (at most ``max_steps``); returns the epoch's mean losses
-        and throughput."""
-        totals: dict[str, float] = {}
-        steps = images_seen = 0
-        start = time.perf_counter()
+        and throughput (:class:`MeanMeter`). The training loop with hooks is ``ssd.train_loop``."""
+        meter = MeanMeter()
         for images, targets in batches:
-            if max_steps is not None and steps >= max_steps:
+            if max_steps is not None and meter.steps >= max_steps:
                 break
             metrics = self.step(images, targets)
-            steps += 1
-            images_seen += images.shape[0]
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v
+            meter.add(metrics, images.shape[0])
             if on_step is not None:
-                on_step(steps, metrics)
-        elapsed = time.perf_counter() - start
-        out = {k: v / max(steps, 1) for k, v in totals.items()}
-        out.update(steps=steps, images=images_seen, images_per_s=images_seen / max(elapsed, 1e-9))
-        return out
+                on_step(meter.steps, metrics)
+        return meter.means()
 
 
 @torch.no_grad()
 def predict(
     model: nn.Module,
     images: Tensor,
-    priors: Tensor,
     params: PostprocessConfig,
     image_sizes: Tensor | None = None,
-    variances: tuple[float, float] = DEFAULT_VARIANCES,
 ) -> list[dict[str, Tensor]]:
     """Detections for a batch of network-ready images (B, 3, S, S); boxes in pixels of
-    ``image_sizes`` ((B, 2) height, width) or in [0, 1] when it is None. ``variances`` must be the
-    ones the training targets were encoded with (``cfg.loss.variances``)."""
+    ``image_sizes`` ((B, 2) height, width) or in [0, 1] when it is None. Decoded by the model's
+    own box coding (``model.coding``), the one its training targets were encoded with."""
     model.eval()
     loc, logits = model(images)
-    return postprocess(loc, logits, priors, params, image_sizes=image_sizes, variances=variances)
-
-
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[Batch],
-    cfg: Config,
-    evaluator: Any,
-    device: torch.device | str = "cpu",
-) -> Any:
-    """Feed every batch's detections and ground truth to ``evaluator`` (``add`` per image).
-
-    Targets carry ``boxes`` in [0, 1] of the network input (the evaluation transform only
-    resizes), ``labels``, ``image_id`` and ``orig_size`` (H, W); boxes go back to original pixels.
-    Returns the evaluator, so ranks can merge theirs before ``compute()``.
-    """
-    device = torch.device(device)
-    priors = cfg.priors.generate(device=device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    for images, targets in batches:
-        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-        images = network_input(images, cfg, device, memory_format)
-        detections = predict(model, images, priors, cfg.postprocess, image_sizes=sizes, variances=cfg.loss.variances)
-        for det, target, (height, width) in zip(detections, targets, sizes.tolist()):
-            scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-            evaluator.add(
-                image_id=int(target["image_id"]),
-                width=int(width),
-                height=int(height),
-                gt_boxes=target["boxes"] * scale,
-                gt_labels=target["labels"],
-                det_boxes=det["boxes"].cpu(),
-                det_scores=det["scores"].cpu(),
-                det_labels=det["labels"].cpu(),
-                gt_iscrowd=target.get("iscrowd"),
-                gt_difficult=target.get("difficult"),
-            )
-    return evaluator
+    return unwrap(model).coding.detect(loc, logits, params, image_sizes=image_sizes)

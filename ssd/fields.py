@@ -17,7 +17,7 @@ import itertools
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 
 class _Refused(Exception):
@@ -75,18 +75,26 @@ class Rule:
 
 
 @dataclass(frozen=True)
-class Num(Rule):
-    """A finite int or float (not a bool) in ``range``: Num("> 0"), Num("[0, 1)")."""
+class _Ranged(Rule):
+    """A number rule with a range such as "> 0" or "[0, 1)"; ``noun`` is (singular, plural)."""
 
     range: str
+    noun: ClassVar[tuple[str, str]]
 
     @property
     def text(self) -> str:
-        return f"a number {_range_words(self.range)}"
+        return f"{self.noun[0]} {_range_words(self.range)}"
 
     @property
     def plural(self) -> str:
-        return f"numbers {_range_words(self.range)}"
+        return f"{self.noun[1]} {_range_words(self.range)}"
+
+
+@dataclass(frozen=True)
+class Num(_Ranged):
+    """A finite int or float (not a bool) in ``range``: Num("> 0"), Num("[0, 1)")."""
+
+    noun: ClassVar[tuple[str, str]] = ("a number", "numbers")
 
     def __call__(self, value: Any) -> Any:
         number = value
@@ -108,18 +116,10 @@ class Num(Rule):
 
 
 @dataclass(frozen=True)
-class Int(Rule):
+class Int(_Ranged):
     """An int (not a bool; a float without a fraction, e.g. 2.0, is taken as 2) in ``range``."""
 
-    range: str
-
-    @property
-    def text(self) -> str:
-        return f"an integer {_range_words(self.range)}"
-
-    @property
-    def plural(self) -> str:
-        return f"integers {_range_words(self.range)}"
+    noun: ClassVar[tuple[str, str]] = ("an integer", "integers")
 
     def __call__(self, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):

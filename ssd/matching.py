@@ -18,6 +18,37 @@ from torch import Tensor
 
 from ssd.boxes import DEFAULT_VARIANCES, box_iou, cxcywh_to_xyxy, encode
 
+#: matching strategies by config name (``matching.strategy``); see :func:`register_matcher`
+MATCHERS: dict[str, type] = {}
+
+
+def register_matcher(name: str):
+    """Class decorator: make a matcher class available as ``matching.strategy=name``.
+
+    A matcher is built with the ``matching`` config section (``ssd.coding.MatchingConfig``) and
+    called as ``matcher(priors (P, 4) cxcywh, gt_boxes (B, G, 4) xyxy, gt_mask (B, G))`` to give
+    each prior the index of its ground truth, ``(B, P)`` int64, or -1 for background. Labels and
+    encoded box targets follow from that assignment (:func:`targets_from_assignment`), so a new
+    assigner (ATSS, ...) is one class here plus its name in the config.
+    """
+
+    def add(cls: type) -> type:
+        MATCHERS[name] = cls
+        return cls
+
+    return add
+
+
+@register_matcher("max_iou")
+class MaxIoUMatcher:
+    """The paper's matching (section 2.2): bipartite best prior per box, then IoU >= threshold."""
+
+    def __init__(self, cfg) -> None:
+        self.iou_threshold = float(cfg.iou_threshold)
+
+    def __call__(self, priors: Tensor, gt_boxes: Tensor, gt_mask: Tensor) -> Tensor:
+        return assign_max_iou(priors, gt_boxes, gt_mask, self.iou_threshold)
+
 
 def match_priors(
     priors: Tensor,
@@ -27,7 +58,8 @@ def match_priors(
     iou_threshold: float = 0.5,
     variances: tuple[float, float] = DEFAULT_VARIANCES,
 ) -> tuple[Tensor, Tensor]:
-    """Assign every prior of every image a class label and an encoded box target.
+    """Assign every prior of every image a class label and an encoded box target (the paper's
+    strategy: :func:`assign_max_iou`, then :func:`targets_from_assignment`).
 
     Args:
         priors: (P, 4) cxcywh in [0, 1].
@@ -41,14 +73,27 @@ def match_priors(
         box_targets: (B, P, 4) offsets of the matched ground truth (see :func:`ssd.boxes.encode`)
             where ``labels > 0``, zero elsewhere.
     """
+    assigned = assign_max_iou(priors, gt_boxes, gt_mask, iou_threshold)
+    return targets_from_assignment(assigned, priors, gt_boxes, gt_labels, variances)
+
+
+def assign_max_iou(priors: Tensor, gt_boxes: Tensor, gt_mask: Tensor, iou_threshold: float = 0.5) -> Tensor:
+    """Each prior's ground-truth index, or -1 for background.
+
+    Args:
+        priors: (P, 4) cxcywh in [0, 1].
+        gt_boxes: (B, G, 4) xyxy, padded; gt_mask: (B, G) bool, True for real boxes.
+        iou_threshold: IoU at or above which a prior is matched (> 0).
+    Returns:
+        (B, P) int64 in -1..G-1.
+    """
     if not iou_threshold > 0:
         # Padding boxes have IoU 0 with every prior; a threshold of 0 would match them.
-        raise ValueError(f"loss.iou_threshold must be > 0, got {iou_threshold}")
-    batch, num_gt = gt_labels.shape
+        raise ValueError(f"matching.iou_threshold must be > 0, got {iou_threshold}")
+    batch, num_gt = gt_mask.shape
     num_priors = priors.shape[0]
     if num_gt == 0:  # no ground truth anywhere in the batch
-        labels = gt_labels.new_zeros((batch, num_priors))
-        return labels, priors.new_zeros((batch, num_priors, 4))
+        return torch.full((batch, num_priors), -1, dtype=torch.long, device=gt_mask.device)
 
     # Padding becomes the empty box (0, 0, 0, 0), whose IoU with anything is 0: it can never be
     # a prior's match (matches need IoU >= threshold > 0, or the bipartite step, which padding
@@ -59,23 +104,43 @@ def match_priors(
     # Bipartite step. Padding boxes scatter into a scratch column P that is dropped afterwards;
     # scatter_reduce("amax") makes the higher ground-truth index win a contested prior
     # deterministically on every device.
-    gt_index = torch.arange(num_gt, device=gt_labels.device).expand(batch, num_gt)
+    gt_index = torch.arange(num_gt, device=gt_mask.device).expand(batch, num_gt)
     target_prior = torch.where(gt_mask, best_prior_idx, torch.full_like(best_prior_idx, num_priors))
-    forced = torch.full((batch, num_priors + 1), -1, dtype=torch.long, device=gt_labels.device)
+    forced = torch.full((batch, num_priors + 1), -1, dtype=torch.long, device=gt_mask.device)
     forced.scatter_reduce_(1, target_prior, gt_index, reduce="amax")
     forced = forced[:, :num_priors]  # (B, P): forced ground-truth index or -1
     is_forced = forced >= 0
     best_gt_idx = torch.where(is_forced, forced, best_gt_idx)
-
-    matched_labels = gt_labels.gather(1, best_gt_idx)  # (B, P)
     positive = is_forced | (best_gt_iou >= iou_threshold)
-    labels = torch.where(positive, matched_labels, torch.zeros_like(matched_labels))
+    return torch.where(positive, best_gt_idx, torch.full_like(best_gt_idx, -1))
 
+
+def targets_from_assignment(
+    assigned: Tensor,
+    priors: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    variances: tuple[float, float] = DEFAULT_VARIANCES,
+) -> tuple[Tensor, Tensor]:
+    """Labels and encoded box targets of an assignment.
+
+    Args:
+        assigned: (B, P) int64 ground-truth index per prior, -1 for background.
+        priors: (P, 4) cxcywh; gt_boxes: (B, G, 4) xyxy; gt_labels: (B, G) int64.
+    Returns:
+        labels (B, P) int64 (0: background) and box_targets (B, P, 4), zero off the positives.
+    """
+    batch, num_priors = assigned.shape
+    positive = assigned >= 0
+    if gt_labels.shape[1] == 0:
+        return gt_labels.new_zeros((batch, num_priors)), priors.new_zeros((batch, num_priors, 4))
+    index = assigned.clamp(min=0)
+    labels = torch.where(positive, gt_labels.gather(1, index), torch.zeros_like(index))
     # Encode only the positives (a few percent of B * P); the loss reads nothing else.
     image_idx, prior_idx = positive.nonzero(as_tuple=True)
-    matched_boxes = real_boxes[image_idx, best_gt_idx[image_idx, prior_idx]]  # (N_pos, 4)
+    matched_boxes = gt_boxes[image_idx, index[image_idx, prior_idx]]  # (N_pos, 4)
     box_targets = priors.new_zeros((batch, num_priors, 4))
-    box_targets[image_idx, prior_idx] = encode(matched_boxes, priors[prior_idx], variances)
+    box_targets[image_idx, prior_idx] = encode(matched_boxes.to(priors.dtype), priors[prior_idx], variances)
     return labels, box_targets
 
 

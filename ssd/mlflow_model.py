@@ -16,7 +16,7 @@ schema enforcement would refuse mixed path / bytes / array inputs. Load with
 ``model_config={"device": "cuda"}`` to run on a GPU (default CPU).
 
 A ``torch_model`` (``mlflow.pytorch`` flavour, ``serialization_format="pickle"``: the default
-``pt2`` export fails on SSD, DESIGN.md section 5) is logged beside it for raw-output access.
+``pt2`` export fails on SSD) is logged beside it for raw-output access.
 Loading it unpickles Python objects, so load it only from a registry you trust; prefer the
 pyfunc, which holds no pickle. (MLflow says so on every log; that warning is dropped here.)
 """

@@ -32,9 +32,10 @@ import torch
 from torch import Tensor
 
 from ssd.boxes import box_iou, cxcywh_to_xyxy
+from ssd.coding import BoxCoding
 from ssd.config import Config
 from ssd.data.shards import ShardSet, read_samples
-from ssd.reporting import json_safe
+from ssd.jsonsafe import json_safe
 
 #: COCO's size buckets in pixels^2 (pycocotools ``Params.areaRng``): [low, high)
 SIZE_BUCKETS: dict[str, tuple[float, float]] = {
@@ -185,22 +186,24 @@ def analyze_config(cfg: Config, gt: GroundTruth, iou_threshold: float | None = N
     """Coverage of ``gt`` by the priors of ``cfg``.
 
     Args:
-        cfg: a config; only its ``priors`` spec is used (and ``loss.iou_threshold`` by default).
+        cfg: a config; its box coding (``ssd.coding.BoxCoding``: the ``priors`` spec and the
+            ``matching`` section) is used.
         gt: the ground truth (see :func:`ground_truth_from_shards`).
-        iou_threshold: None uses the config's matching threshold ``loss.iou_threshold`` (0.5).
+        iou_threshold: None uses the config's matching threshold ``matching.iou_threshold`` (0.5).
     Returns:
         ``{"num_priors", "boxes_per_location", "iou_threshold", "num_images", "priors" (the spec
         as a dict), "coverage" (see :func:`prior_coverage`)}``.
     """
-    threshold = cfg.loss.iou_threshold if iou_threshold is None else iou_threshold
-    spec = cfg.priors
+    coding = BoxCoding.from_config(cfg)
+    threshold = coding.matching.iou_threshold if iou_threshold is None else iou_threshold
+    spec = coding.spec
     return {
         "num_priors": spec.num_priors(),
         "boxes_per_location": list(spec.boxes_per_location()),
         "iou_threshold": threshold,
         "num_images": gt.num_images,
         "priors": spec.to_dict(),
-        "coverage": prior_coverage(spec.generate(), gt, threshold),
+        "coverage": prior_coverage(coding.priors(), gt, threshold),
     }
 
 

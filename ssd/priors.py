@@ -259,6 +259,16 @@ class PriorSpec:
             ) from None
 
 
+#: the prior layout both MobileNet SSDs at 300 share (six levels from a stride-16 map)
+_MOBILENET_300: dict[str, Any] = {
+    "image_size": 300,
+    "feature_maps": (19, 10, 5, 3, 2, 1),
+    "steps": (16, 32, 64, 100, 150, 300),
+    "min_sizes": (60, 105, 150, 195, 240, 285),
+    "max_sizes": (105, 150, 195, 240, 285, 330),
+    "aspect_ratios": ((2, 3),) * 6,
+}
+
 # The reference numbers, each from the implementation the paper's results come from.
 PRESETS: dict[str, PriorSpec] = {
     # SSD300 (paper section 3.1; Caffe ssd_pascal.py / ssd.pytorch `voc` config): conv4_3 at
@@ -284,25 +294,9 @@ PRESETS: dict[str, PriorSpec] = {
     ),
     # MobileNetV1-SSD at 300 (the widely used pytorch-ssd reference config): six levels from a
     # stride-16 map, scales 0.2..0.95 of a 300 input, ratios {2, 3} everywhere; 3000 priors.
-    "mobilenetv1_ssd300": PriorSpec(
-        name="mobilenetv1_ssd300",
-        image_size=300,
-        feature_maps=(19, 10, 5, 3, 2, 1),
-        steps=(16, 32, 64, 100, 150, 300),
-        min_sizes=(60, 105, 150, 195, 240, 285),
-        max_sizes=(105, 150, 195, 240, 285, 330),
-        aspect_ratios=((2, 3),) * 6,
-    ),
+    "mobilenetv1_ssd300": PriorSpec(name="mobilenetv1_ssd300", **_MOBILENET_300),
     # MobileNetV2-SSDLite at 300 (MobileNetV2 paper, section 6.2, with the same prior layout).
-    "mobilenetv2_ssdlite300": PriorSpec(
-        name="mobilenetv2_ssdlite300",
-        image_size=300,
-        feature_maps=(19, 10, 5, 3, 2, 1),
-        steps=(16, 32, 64, 100, 150, 300),
-        min_sizes=(60, 105, 150, 195, 240, 285),
-        max_sizes=(105, 150, 195, 240, 285, 330),
-        aspect_ratios=((2, 3),) * 6,
-    ),
+    "mobilenetv2_ssdlite300": PriorSpec(name="mobilenetv2_ssdlite300", **_MOBILENET_300),
     # Tiny: a 128-pixel input with five levels (strides 8..128) for CPU tests and the demo; the
     # paper's linear rule with a small first scale so 10-pixel objects still get a prior.
     "tiny": PriorSpec(

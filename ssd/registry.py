@@ -294,3 +294,87 @@ def apply_champion_rule(
         previous, how = champion_score(client, champion, val_data, val_data_hash, device=device, say=say)
     return promote_if_better(client, name, str(version), score, previous, alias=alias, champion=champion,
                              champion_score_source=how)
+
+
+def data_name(spec: str) -> str:
+    """The shard set's folder name: ``shards/voc/val`` and ``shards/voc/val/dataset.json`` ->
+    ``val``; ``s3://bucket/voc/val/`` -> ``val``."""
+    text = spec.rstrip("/")
+    if text.endswith(".json"):
+        text = text.rsplit("/", 1)[0] if "/" in text else "."
+    name = text.rsplit("/", 1)[-1]
+    if name in ("", ".", "..") and "://" not in text:
+        name = Path(text or ".").resolve().name
+    return name or "data"
+
+
+def log_evaluation(result: dict[str, Any], metrics: dict[str, float], resolved: ResolvedModel, data: str,
+                   tracking_uri: str, experiment: str) -> str:
+    """Log an evaluation of a model on a shard set to MLflow; returns the new run's id.
+
+    The run ``evaluate <NAME/VERSION or reference> on <data folder name>`` in ``experiment``
+    (created if missing) gets the params ``model``, ``data``, ``data_hash``, ``images``, the
+    ``metrics`` (linked to the logged model and the dataset when ``resolved.model_id`` is known)
+    and ``result`` as the artifact ``evaluation.json``; a registered version gets the version
+    tags ``eval/<data folder name>/{mAP, AP50, VOC07_mAP (VOC data), data_hash, run_id}``.
+
+    Args:
+        result: the evaluation as strict-JSON data (``ssd.scoring.evaluate_reference``), with
+            ``AP``, ``AP50``, ``data_hash``, ``images`` and, for VOC data, ``VOC07``.
+        metrics: ``ssd.evaluation.service.flat_metrics`` of the result (the run's metrics).
+        resolved: the evaluated model.
+        data: the shard set spec as given.
+    Raises:
+        Any MLflow failure (the run, if created, is then marked FAILED).
+    """
+    import logging
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    from ssd.tracking import experiment_id_for
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    name = data_name(data)
+    data_hash = result.get("data_hash")
+    tags = {"ssd.model": resolved.reference, "ssd.data_name": name}
+    if resolved.name:
+        tags.update({"ssd.model_name": resolved.name, "ssd.model_version": str(resolved.version)})
+    run = client.create_run(experiment_id_for(client, experiment, tracking_uri),
+                            run_name=f"evaluate {resolved.label} on {name}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        params = {"model": resolved.reference, "data": data, "data_hash": data_hash or "",
+                  "images": result.get("images")}
+        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        if resolved.model_id:
+            digest = data_hash[:36] if data_hash else None
+            for key, value in metrics.items():
+                client.log_metric(run_id, key, value, step=0, model_id=resolved.model_id,
+                                  dataset_name=name, dataset_digest=digest)
+        else:
+            client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()])
+        with tempfile.TemporaryDirectory(prefix="ssd-evaluate-") as tmp:
+            path = Path(tmp) / "evaluation.json"
+            path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+            client.log_artifact(run_id, str(path))
+        if resolved.name and resolved.version:
+            prefix = f"eval/{name}"
+            version_tags = {f"{prefix}/mAP": f"{float(result['AP']):.6f}",
+                            f"{prefix}/AP50": f"{float(result['AP50']):.6f}"}
+            if result.get("VOC07") is not None:
+                voc_map = result["VOC07"]["mAP"]  # None: no class had ground truth
+                version_tags[f"{prefix}/VOC07_mAP"] = "nan" if voc_map is None else f"{float(voc_map):.6f}"
+            version_tags.update({f"{prefix}/data_hash": data_hash or "", f"{prefix}/run_id": run_id})
+            for key, value in version_tags.items():
+                client.set_model_version_tag(resolved.name, str(resolved.version), key, value)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        try:
+            client.set_terminated(run_id, "FAILED")
+        except Exception:  # noqa: BLE001, S110 - the original error is the one to report
+            pass
+        raise
+    logging.getLogger(__name__).info("logged the evaluation as MLflow run %s (experiment %s) at %s", run_id,
+                                     experiment, tracking_uri)
+    return run_id

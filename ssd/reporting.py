@@ -1,13 +1,13 @@
 """Evaluation artifacts: a per-class AP table, precision-recall curves, a grid of detections.
 
-Pure functions over the metric dicts of :mod:`ssd.evaluate` and per-image tensors; no Ray and no
+Pure functions over the metric dicts of :mod:`ssd.evaluation` and per-image tensors; no Ray and no
 MLflow (``ssd.tracking`` uploads what :func:`write_eval_report` writes). Plots use matplotlib's
 Agg canvas through the object API (no pyplot, no global backend switch), imported inside the
 plotting function so that importing this module stays cheap.
 
-Inputs (docs/DESIGN.md, "Contracts"):
+Inputs (ARCHITECTURE.md, "Contracts"):
 
-- ``coco``: the dict of :func:`ssd.evaluate.coco_evaluate` / ``CocoEvaluator.compute``, with
+- ``coco``: the dict of :func:`ssd.evaluation.coco.coco_evaluate` / ``CocoEvaluator.compute``, with
   ``per_class_AP``, ``per_class_AP50`` and ``pr_curve50``; -1 marks a class without ground truth.
 - ``voc``: the dict of ``VocEvaluator.compute`` (``{"mAP", "per_class_AP"}``); NaN marks a class
   without ground truth.
@@ -32,10 +32,11 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, make_grid
 
+from ssd.draw import PALETTE
+
 __all__ = [
     "REPORT_FILES",
     "detection_grid",
-    "json_safe",
     "mean_row",
     "per_class_table",
     "plot_pr_curves",
@@ -51,34 +52,11 @@ REPORT_FILES: tuple[str, ...] = (
     "detections.png",
 )
 
-#: Per-class colours (RGB), label ``l`` gets ``PALETTE[(l - 1) % len(PALETTE)]``: matplotlib's
-#: tab10 without its green, which is reserved for ground truth (:data:`GT_COLOR`).
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (31, 119, 180),
-    (255, 127, 14),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
-)
+#: Ground truth's colour in the detection grid (the class palette, ``ssd.draw.PALETTE``, has no
+#: green for this reason).
 GT_COLOR: tuple[int, int, int] = (0, 255, 0)
 
 _GRID_PADDING = 2  # make_grid's default, named because the layout depends on it
-
-
-def json_safe(value: Any) -> Any:
-    """NaN and infinities -> None, recursively: strict JSON (a VOC AP of a class without ground
-    truth is NaN, which ``json.dumps`` would write as the non-standard ``NaN``)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,8 +281,8 @@ def detection_grid(
     """Draw ground truth and detections on each image, tile them, save a PNG.
 
     Ground truth is drawn first, 1 px in :data:`GT_COLOR` without captions; detections with
-    ``score >= score_threshold`` on top, 2 px in their class's :data:`PALETTE` colour with a
-    ``"name score"`` caption (torchvision's ``draw_bounding_boxes``). Boxes are clamped into
+    ``score >= score_threshold`` on top, 2 px in their class's :data:`ssd.draw.PALETTE` colour
+    with a ``"name score"`` caption (torchvision's ``draw_bounding_boxes``). Boxes are clamped into
     the image. Images are tiled by ``make_grid(nrow=columns, padding=2)``: the PNG is
     ``(rows * (H + 2) + 2) x (min(N, columns) * (W + 2) + 2)`` with ``rows = ceil(N / columns)``
     and padding value 0 (black); a single image comes back unpadded, ``H x W``, as make_grid

@@ -1,93 +1,34 @@
 """Score a trained model on a validation shard set, in one process, exactly as training does.
 
-No Ray, no MLflow, no ``torch.distributed``: this is what ``pipelines/evaluate.py --model`` runs,
-and what a pipeline calls to re-evaluate a registered champion on a candidate's validation set
-(the two scores are then comparable: same code, same data)::
+No Ray and no ``torch.distributed``: this is what ``pipelines/evaluate.py --model`` runs
+(:func:`evaluate_reference`), and what a pipeline calls to re-evaluate a registered champion on a
+candidate's validation set (the two scores are then comparable: same code, same data)::
 
     result = evaluate_checkpoint("runs/exp/checkpoints/best", "shards/voc/val")
     result["AP"], result["AP50"], result.get("VOC07", {}).get("mAP")
 
-The numbers are those of ``ssd.training``'s validation (``_Evaluation.run``): every image of the
-set in shard order through the evaluation transform (resize only, ``min_size=0`` so that no
-annotated object is dropped, uint8 out and normalised on the device), ``ssd.engine.evaluate``
-(detections and ground truth in pixels of the original image), then
-``CocoEvaluator(...).compute()`` (pycocotools; VOC ``difficult`` objects and crowds are ignore
-regions) and, for a set converted from PASCAL VOC (``dataset.json``'s ``source.type`` is
-``"voc"``), ``VocEvaluator(use_07_metric=True).compute()``: the 11-point VOC2007 mAP that SSD
-papers report.
+The numbers are those of ``ssd.training``'s validation: both run
+:func:`ssd.evaluation.service.evaluate_on_shards`. MLflow is imported only to resolve a registered
+model or to log an evaluation.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import os
+import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from ssd.checkpoint import unwrap
-from ssd.config import Config
-from ssd.data.shards import ShardLoader, ShardSet, ShardStream
-from ssd.engine import evaluate
-from ssd.evaluate import COCO_STAT_NAMES, CocoEvaluator, VocEvaluator
-from ssd.serving import Detector
-from ssd.transforms import build_transform
+from ssd.data.shards import ShardSet
+from ssd.evaluation.service import evaluate_on_shards, flat_metrics
+from ssd.jsonsafe import json_safe
 
-__all__ = ["evaluate_checkpoint", "evaluate_model", "flat_metrics", "is_voc"]
+__all__ = ["EvaluationRequest", "LoggingFailed", "evaluate_checkpoint", "evaluate_reference"]
 
-
-def is_voc(shard_set: ShardSet) -> bool:
-    """True when the shard set was converted from PASCAL VOC (VOC07 mAP is reported too)."""
-    return (shard_set.info.get("source") or {}).get("type") == "voc"
-
-
-def evaluate_model(
-    model: nn.Module,
-    cfg: Config,
-    shard_set: ShardSet,
-    device: str | torch.device = "cpu",
-    batch_size: int = 32,
-) -> dict[str, Any]:
-    """The validation metrics of ``model`` on every image of ``shard_set``.
-
-    Args:
-        model: the SSD (DDP / ``torch.compile`` wrappers are taken off); it is moved to
-            ``device`` (channels-last when ``cfg.train.channels_last``) and put in eval mode.
-            Returns (loc (B, P, 4), logits (B, P, C + 1)).
-        cfg: the model's config: ``priors`` (input size and priors), ``augment`` (mean, std),
-            ``postprocess`` (thresholds, NMS), ``model.num_classes`` (= the set's classes + 1).
-        shard_set: the validation split (``ShardSet.open``); label ``k`` is its ``classes[k-1]``.
-        device: where the network runs.
-        batch_size: images per forward pass (the result does not depend on it beyond float
-            rounding).
-    Returns:
-        ``CocoEvaluator.compute()``'s dict (``AP``, ``AP50``, ``AP75``, ``AP_small``, ...,
-        ``AR_large``, ``per_class_AP``, ``per_class_AP50``, ``pr_curve50``; see
-        ``ssd.evaluate.coco_evaluate``) and, for a VOC set, ``"VOC07"``: ``{"mAP",
-        "per_class_AP"}`` (11-point AP, difficult objects ignored; NaN for a class without
-        ground truth).
-    Raises:
-        ValueError: ``cfg.model.num_classes`` does not fit the set's classes, or the set is empty.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    classes = list(shard_set.classes)
-    if cfg.model.num_classes != shard_set.num_classes:
-        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but the shards have {len(classes)} "
-                         f"classes + background = {shard_set.num_classes}")
-    device = torch.device(device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = unwrap(model).to(device, memory_format=memory_format).eval()
-    # min_size=0: evaluation keeps every annotated object, however small at the network size
-    transform = build_transform(cfg.priors.image_size, 0.0, train=False, min_size=0.0, normalize=False)
-    loader = ShardLoader(ShardStream(shard_set, transform, train=False), batch_size, num_workers=0)
-    evaluator = evaluate(model, loader, cfg, CocoEvaluator(classes), device)
-    result: dict[str, Any] = evaluator.compute()
-    if is_voc(shard_set):
-        # the same per-image records, scored by the VOC rules (as ``_Evaluation.run`` does)
-        result["VOC07"] = VocEvaluator.from_states([evaluator.state()], use_07_metric=True).compute()
-    return result
+log = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(
@@ -96,7 +37,8 @@ def evaluate_checkpoint(
     device: str | torch.device = "cpu",
     batch_size: int = 32,
 ) -> dict[str, Any]:
-    """:func:`evaluate_model` for a ``save_checkpoint`` directory on the shard set ``data``.
+    """:func:`~ssd.evaluation.service.evaluate_on_shards` for a ``save_checkpoint`` directory on
+    the shard set ``data``.
 
     The model is rebuilt as ``ssd.serving.Detector.from_checkpoint`` does (config + weights;
     ``model.backbone_weights`` is ignored, the checkpoint holds every weight).
@@ -106,14 +48,16 @@ def evaluate_checkpoint(
         data: a shard set spec for ``ShardSet.open``: a folder with ``dataset.json``, a
             ``dataset.json`` path, or an ``s3://`` / http URL.
     Returns:
-        :func:`evaluate_model`'s dict plus ``"data"`` (the spec as given), ``"data_hash"``
-        (``dataset.json``'s ``content_hash``, None if it has none) and ``"images"`` (the number
-        of images evaluated).
+        ``evaluate_on_shards``' dict (COCO metrics, ``VOC07`` for a VOC set) plus ``"data"``
+        (the spec as given), ``"data_hash"`` (``dataset.json``'s ``content_hash``, None if it
+        has none) and ``"images"`` (the number of images evaluated).
     Raises:
         FileNotFoundError: no shard set at ``data``, or an incomplete checkpoint.
         ValueError: the checkpoint's classes are not the shards' classes in the same order (the
             message names both lists and the shard set), or malformed shards / checkpoint.
     """
+    from ssd.serving import Detector  # here: importing ssd.scoring does not load the serving code
+
     spec = os.fspath(data)
     shard_set = ShardSet.open(spec)  # bad data fails before the weights are loaded
     detector = Detector.from_checkpoint(checkpoint_dir, device="cpu")
@@ -122,23 +66,76 @@ def evaluate_checkpoint(
             f"the checkpoint {os.fspath(checkpoint_dir)} was trained on the classes {list(detector.classes)} "
             f"but the shard set {spec} has the classes {list(shard_set.classes)} (labels are positions in "
             "these lists, so they must be equal and in the same order)")
-    result = evaluate_model(detector.model, detector.cfg, shard_set, device=device, batch_size=batch_size)
+    result = evaluate_on_shards(detector.model, detector.cfg, shard_set, device=device, batch_size=batch_size)
     return result | {"data": spec, "data_hash": shard_set.info.get("content_hash"),
                      "images": shard_set.num_samples}
 
 
-def flat_metrics(result: dict[str, Any], finite_only: bool = True) -> dict[str, float]:
-    """Flat numbers of an :func:`evaluate_model` result for metric stores (training reports these).
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """An evaluation of a model reference on a shard set (``pipelines/evaluate.py --model``).
 
-    The 12 COCO numbers, ``mAP`` (= ``AP``), ``AP/<class>`` and, for VOC sets, ``VOC07_mAP``
-    and ``VOC07_AP/<class>``. With ``finite_only``, non-finite values (VOC AP of a class without
-    ground truth) are left out; COCO's -1 (no ground truth) is kept either way.
+    Attributes:
+        model: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/model`` or a
+            checkpoint folder (``ssd.registry.resolve_model``).
+        data: the shard set spec (see :func:`evaluate_checkpoint`).
+        device, batch_size: where the network runs, images per forward pass.
+        mlflow_uri: the tracking / registry URI; None: ``ssd.tracking.resolve_tracking_uri``'s.
+        experiment: log the evaluation as a run of this MLflow experiment
+            (``ssd.registry.log_evaluation``); None: no logging.
     """
-    out = {name: float(result[name]) for name in COCO_STAT_NAMES}
-    out["mAP"] = out["AP"]
-    out.update({f"AP/{name}": float(v) for name, v in result["per_class_AP"].items()})
-    voc = result.get("VOC07")
-    if voc is not None:
-        out["VOC07_mAP"] = float(voc["mAP"])
-        out.update({f"VOC07_AP/{name}": float(v) for name, v in voc["per_class_AP"].items()})
-    return {k: v for k, v in out.items() if math.isfinite(v)} if finite_only else out
+
+    model: str
+    data: str
+    device: str = "cpu"
+    batch_size: int = 32
+    mlflow_uri: str | None = None
+    experiment: str | None = None
+
+
+class LoggingFailed(Exception):
+    """The evaluation succeeded but logging it to MLflow failed; ``result`` holds it."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def evaluate_reference(request: EvaluationRequest) -> dict[str, Any]:
+    """Resolve ``request.model``, evaluate it on ``request.data`` and, when asked, log it.
+
+    Returns:
+        Strict-JSON data (NaN -> None): ``model`` (the reference), ``name`` and ``version`` (the
+        registered version, else None), then :func:`evaluate_checkpoint`'s keys and, when
+        logged, ``mlflow_run_id``.
+    Raises:
+        ssd.registry.ModelReferenceError: a reference that names no usable checkpoint.
+        FileNotFoundError, ValueError: missing or bad shards, a class mismatch (the message names
+            the shard set, the checkpoint or the class lists).
+        OSError, RuntimeError: unreadable shards, a failing device.
+        LoggingFailed: MLflow failed while logging (the run, if created, is marked FAILED).
+    """
+    from ssd.registry import is_model_uri, log_evaluation, resolve_model
+    from ssd.tracking import resolve_tracking_uri
+
+    tracking_uri = None
+    if is_model_uri(request.model) or request.experiment is not None:
+        tracking_uri = resolve_tracking_uri(request.mlflow_uri)
+        # fail in seconds, not minutes of retries, when the server is unreachable (as ssd.tracking)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    with tempfile.TemporaryDirectory(prefix="ssd-evaluate-") as tmp:
+        resolved = resolve_model(request.model, tracking_uri, dst=tmp)
+        log.info("evaluating %s on %s (%s)", resolved.label, request.data, request.device)
+        scored = evaluate_checkpoint(resolved.checkpoint, request.data, device=request.device,
+                                     batch_size=request.batch_size)
+    result = json_safe({"model": request.model, "name": resolved.name, "version": resolved.version, **scored})
+    if request.experiment is not None:
+        try:
+            run_id = log_evaluation(result, flat_metrics(scored), resolved, request.data, tracking_uri,
+                                    request.experiment)
+        except Exception as err:  # any MLflow failure fails the explicit request
+            raise LoggingFailed(f"logging the evaluation to MLflow at {tracking_uri} failed: "
+                                f"{type(err).__name__}: {err}", result) from err
+        result["mlflow_run_id"] = run_id
+    return result

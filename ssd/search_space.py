@@ -30,9 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ssd.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from ssd.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    read_yaml_mapping,
+    set_values,
+)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 
@@ -111,14 +117,14 @@ class SearchSpace:
         """Raise SpaceError naming the key when a key or an edge value cannot make a config."""
         base_dict = _base_dict(base)
         try:
-            with_fixed = apply_overrides(base_dict, _overrides(self.fixed))
+            with_fixed = set_values(base_dict, self.fixed)
             config_from_dict(with_fixed)
         except ConfigError as err:
             raise SpaceError(f"{self.source}: fixed values: {err}") from None
         for key, param in self.params.items():
             for value in param.edge_values():
                 try:
-                    config_from_dict(apply_overrides(with_fixed, _overrides({key: value})))
+                    config_from_dict(set_values(with_fixed, {key: value}))
                 except ConfigError as err:
                     if value not in param.args:  # the fractional draw of uniform / loguniform
                         raise SpaceError(f"{self.source}: {key}: {param.kind} draws fractional values such as "
@@ -146,24 +152,21 @@ class SearchSpace:
         return out
 
 
-def trial_config(base: str | Path | Config, values: dict[str, Any], extra_overrides: list[str] | None = None) -> Config:
+def trial_config(base: str | Path | Config | dict[str, Any], values: dict[str, Any], extra_overrides: list[str] | None = None) -> Config:
     """The full config of one trial: ``base`` + ``extra_overrides`` + the sampled ``values``.
 
     Raises ConfigError (naming the keys involved) for a combination that cannot be built.
     """
     data = apply_overrides(_base_dict(base), list(extra_overrides or []))
-    try:
-        return config_from_dict(apply_overrides(data, _overrides(values)))
+    try:  # the sampled values are set as they are (no text round trip), then checked once
+        return config_from_dict(set_values(data, values))
     except ConfigError as err:
-        raise ConfigError(f"sampled {json.dumps(values, sort_keys=True)}: {err}") from None
+        raise ConfigError(f"sampled {json.dumps(values, sort_keys=True, default=str)}: {err}") from None
 
 
-def _overrides(values: dict[str, Any]) -> list[str]:
-    # JSON is YAML: the override parser reads lists, booleans and null back exactly
-    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
-
-
-def _base_dict(base: str | Path | Config) -> dict[str, Any]:
+def _base_dict(base: str | Path | Config | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(base, dict):  # already a config dict (a sweep's saved base)
+        return base
     cfg = base if isinstance(base, Config) else load_config(base)
     return cfg.to_dict()
 
@@ -174,12 +177,7 @@ def _read(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Param], dict[st
         raise SpaceError(f"{path}: includes itself (via {' -> '.join(str(p) for p in seen)})")
     if not path.is_file():
         raise SpaceError(f"search space {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SpaceError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise SpaceError(f"{path}: the top level must be a mapping with 'space' (and optional 'include')")
+    data = read_yaml_mapping(path, SpaceError, "a mapping with 'space' (and optional 'include')")
     params: dict[str, Param] = {}
     fixed: dict[str, Any] = {}
     includes = data.get("include") or []

@@ -8,10 +8,10 @@ No Ray and no MLflow here: :class:`Detector` is what the MLflow pyfunc model
     # [{"image": 0, "label": 3, "class_name": "dog", "score": 0.91,
     #   "x1": 12.0, "y1": 40.5, "x2": 200.1, "y2": 310.0}, ...]
 
-Preprocessing is exactly the evaluation path of ``ssd.engine.evaluate``: every image is a uint8
-(3, H, W) RGB tensor, warped to (3, S, S) by ``build_transform(S, 0.0, train=False,
-min_size=0.0, normalize=False)``, batched, and normalised on the device by
-``ssd.engine.network_input`` with ``cfg.augment``'s mean and std. ``cfg.postprocess`` turns the
+Preprocessing and prediction are exactly the evaluation's (``ssd.evaluation.inference``): every
+image is a uint8 (3, H, W) RGB tensor, warped to (3, S, S) by ``eval_transform(cfg)``, batched,
+and run by ``BatchPredictor`` (normalised on the device with ``cfg.augment``'s mean and std,
+decoded by the model's own box coding). ``cfg.postprocess`` turns the
 outputs into detections whose boxes are xyxy in pixels of the ORIGINAL image (not the S x S
 network input). Encoded images are decoded with ``torchvision.io.decode_image`` in RGB mode
 (grey and RGBA become RGB); EXIF orientation is not applied, as in the training data.
@@ -32,8 +32,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from ssd.checkpoint import load_checkpoint, unwrap
 from ssd.config import Config
-from ssd.engine import network_input, predict
-from ssd.transforms import build_transform
+from ssd.evaluation.inference import BatchPredictor, eval_transform
 
 #: What :meth:`Detector.predict` accepts per image: a file path, encoded bytes (JPEG, PNG, ...),
 #: an (H, W, 3) uint8 RGB array, or a (3, H, W) uint8 RGB tensor.
@@ -130,9 +129,9 @@ class Detector:
         self.size = cfg.priors.image_size
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.model = unwrap(model).to(self.device, memory_format=self.memory_format).eval()
-        self.priors = cfg.priors.generate(device=self.device)  # (P, 4) cxcywh in [0, 1]
         # The evaluation transform (resize only; uint8 out, normalised on the device).
-        self.transform = build_transform(self.size, 0.0, train=False, min_size=0.0, normalize=False)
+        self.transform = eval_transform(cfg)
+        self.predictor = BatchPredictor(self.model, cfg, self.device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Detector:
@@ -151,13 +150,12 @@ class Detector:
         return cls(model, cfg, checkpoint.classes, device)
 
     def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """uint8 (3, H_i, W_i) images -> (the network input (B, 3, S, S) float32 on the device,
-        the original sizes (B, 2) int64 (height, width))."""
+        """uint8 (3, H_i, W_i) images -> (the resized batch (B, 3, S, S) uint8, the original
+        sizes (B, 2) int64 (height, width))."""
         empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}
         resized = [self.transform(image, empty)[0] for image in images]
         sizes = torch.tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.int64)
-        batch = network_input(torch.stack(resized), self.cfg, self.device, self.memory_format)
-        return batch, sizes
+        return torch.stack(resized), sizes
 
     def predict_tensors(self, images: Sequence[Tensor], batch_size: int = 16) -> list[dict[str, Tensor]]:
         """Detections for uint8 (3, H_i, W_i) RGB tensors, ``batch_size`` images per forward.
@@ -175,8 +173,7 @@ class Detector:
 
     def _predict_batch(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         batch, sizes = self.preprocess(images)
-        detections = predict(self.model, batch, self.priors, self.cfg.postprocess,
-                             image_sizes=sizes.to(self.device), variances=self.cfg.loss.variances)
+        detections = self.predictor(batch, image_sizes=sizes.to(self.device))
         return [{k: v.cpu() for k, v in det.items()} for det in detections]
 
     def iter_detections(

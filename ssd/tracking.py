@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ssd.local_state import running_mlflow
 
@@ -60,6 +60,67 @@ def resolve_tracking_uri(cli_uri: str | None = None, *, announce: bool = True) -
 
 
 _announced: set[str] = set()
+
+
+def experiment_id_for(client: Any, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created if missing. A local store (SQLite or a folder)
+    keeps its artifacts under ``mlflow_home()/artifacts/NAME``, not in the working directory."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:") or "://" not in tracking_uri:
+        location = (mlflow_home() / "artifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+T = TypeVar("T")
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for a failure that waiting can cure: no connection, a timeout, a 5xx answer (MLflow
+    reports a refused connection as an ``INTERNAL_ERROR``, HTTP 500). False for refusals (4xx:
+    unknown run, invalid name) and for errors that are not MLflow's (a broken checkpoint)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.get_http_status_code() >= 500
+    return isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                            ConnectionError, TimeoutError))
+
+
+def retry(
+    fn: Callable[[], T],
+    *,
+    deadline: float,
+    what: str,
+    first_delay: float = 1.0,
+    max_delay: float = 30.0,
+) -> T:
+    """``fn()``, retried with exponential backoff (``first_delay`` doubling up to ``max_delay``)
+    while it fails with a transient error (:func:`is_transient`) and ``time.monotonic()`` is
+    before ``deadline``; then the last error is raised. Other errors are raised at once."""
+    delay = first_delay
+    while True:
+        try:
+            return fn()
+        except Exception as err:
+            left = deadline - time.monotonic()
+            if left <= 0 or not is_transient(err):
+                raise
+            wait = min(delay, left)
+            log.warning("MLflow: could not %s (%s: %s); retrying in %.0f s, for %.0f s more", what,
+                        type(err).__name__, short_error(err), wait, left)
+            time.sleep(wait)
+            delay = min(2 * delay, max_delay)
+
+
+def short_error(err: BaseException, keep: int = 120) -> str:
+    """The error on one line, its middle cut when long: a wrapped connection error says what was
+    asked at the start and why it failed ("Connection refused") at the end."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 2 * keep + 5 else f"{text[:keep]} ... {text[-keep:]}"
 
 
 class Tracker:
@@ -129,14 +190,7 @@ class Tracker:
         import mlflow
 
         self._client = mlflow.MlflowClient(tracking_uri=self.uri)
-        found = self._client.get_experiment_by_name(experiment)
-        if found is None:
-            location = None
-            if self.uri.startswith("sqlite:") or "://" not in self.uri:
-                location = (mlflow_home() / "artifacts" / experiment).as_uri()
-            experiment_id = self._client.create_experiment(experiment, artifact_location=location)
-        else:
-            experiment_id = found.experiment_id
+        experiment_id = experiment_id_for(self._client, experiment, self.uri)
         if parent_run_id:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
         run = self._client.create_run(experiment_id, run_name=run_name, tags=tags)
@@ -191,7 +245,7 @@ class Tracker:
             retry_for: None: one guarded call like every other (a no-op once tracking is off).
                 Seconds: the last word of a process, tried even after an earlier failure turned
                 tracking off (the server may be back), retried with backoff while MLflow is
-                unreachable, for at most that long (``ssd.publish.retry``).
+                unreachable, for at most that long (:func:`retry`).
         Returns:
             True if the run was ended.
         """
@@ -200,8 +254,6 @@ class Tracker:
             return self.active
         if not self.enabled or self.run_id is None:  # no run was ever created: nothing to end
             return False
-        from ssd.publish import retry
-
         try:
             retry(lambda: self._client.set_terminated(self.run_id, status), deadline=time.monotonic() + retry_for,
                   what=f"end run {self.run_id} as {status}")

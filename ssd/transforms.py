@@ -7,7 +7,7 @@ The policy is the SSD paper's (Liu et al. 2016, section 2.2 "Data augmentation" 
     PhotometricDistort -> Expand (zoom out) -> IoUCrop ("MinIoURandomCrop") -> HorizontalFlip
         -> Resize -> SanitizeBoxes -> ToRelativeBoxes -> Normalize
 
-Conventions (see docs/DESIGN.md, "Contracts"):
+Conventions (see ARCHITECTURE.md, "Contracts"):
 
 - ``image``: ``uint8`` tensor (3, H, W), RGB, as ``torchvision.io.decode_jpeg`` returns it. Every
   geometric and colour step keeps it ``uint8`` (cheap to copy, crop and resize); only

@@ -15,7 +15,7 @@ import torch
 from ssd.checkpoint import CheckpointError, load_checkpoint, restore, save_checkpoint, unwrap
 from ssd.config import load_config
 from ssd.data.synthetic import CLASSES, SyntheticDetection
-from ssd.engine import Trainer, build_optimizer, build_scheduler, collate
+from ssd.engine import StepRunner, build_optimizer, build_scheduler, collate
 from ssd.models import build_model
 from ssd.transforms import build_transform
 
@@ -31,7 +31,7 @@ def _setup():
     return cfg, data, model, optimizer, scheduler
 
 
-def _epoch(trainer: Trainer, data) -> None:
+def _epoch(trainer: StepRunner, data) -> None:
     # augmentation draws from the global RNG, so the restored RNG state must reproduce it
     batches = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, collate_fn=collate)
     trainer.train_epoch(batches)
@@ -39,7 +39,7 @@ def _epoch(trainer: Trainer, data) -> None:
 
 def test_resumed_training_equals_unbroken_training(tmp_path):
     cfg, data, model, optimizer, scheduler = _setup()
-    trainer = Trainer(model, cfg, optimizer, scheduler, "cpu")
+    trainer = StepRunner(model, cfg, optimizer, scheduler, "cpu")
     _epoch(trainer, data)
     save_checkpoint(tmp_path / "ckpt", model=model, epoch=1, step=trainer.iteration, config=cfg, classes=CLASSES,
                     optimizer=optimizer, scheduler=scheduler, metrics={"AP": 0.5})
@@ -55,7 +55,7 @@ def test_resumed_training_equals_unbroken_training(tmp_path):
         assert checkpoint.config == cfg and checkpoint.metrics == {"AP": 0.5}
         restore(checkpoint, model2, optimizer2, scheduler2, restore_rng=restore_rng)
         assert scheduler2.last_epoch == 2 and optimizer2.param_groups[0]["lr"] == lr_at_save
-        resumed = Trainer(model2, cfg2, optimizer2, scheduler2, "cpu")
+        resumed = StepRunner(model2, cfg2, optimizer2, scheduler2, "cpu")
         for _ in range(2):
             _epoch(resumed, data2)
         return model2.state_dict()

@@ -3,12 +3,12 @@ import dataclasses
 import pytest
 import yaml
 
+from ssd.coding import MatchingConfig
 from ssd.config import (
     _SECTIONS,
     CONFIG_DIR,
     Config,
     ConfigError,
-    LossConfig,
     ModelConfig,
     OptimConfig,
     config_from_dict,
@@ -94,7 +94,7 @@ BAD_VALUES = [
     ("optim.lr=abc", "optim.lr", "'abc'", "must be a number >= 0"),
     ("loss.neg_ratio=-1", "loss.neg_ratio", "-1", "must be > 0"),
     ("augment.strength=1.5", "augment.strength", "1.5", "must be in [0, 1]"),
-    ("loss.iou_threshold=0", "loss.iou_threshold", "0", "must be in (0, 1]"),
+    ("matching.iou_threshold=0", "matching.iou_threshold", "0", "must be in (0, 1]"),
     ("optim.schedule=linear", "optim.schedule", "'linear'", "must be one of 'multistep', 'cosine'"),
     # model
     ("model.arch=resnet", "model.arch", "'resnet'", "must be one of 'vgg16_ssd300'"),
@@ -111,10 +111,10 @@ BAD_VALUES = [
     ("loss.neg_ratio=0", "loss.neg_ratio", "0", "must be > 0"),
     ("loss.neg_ratio=.inf", "loss.neg_ratio", "inf", "must be a number > 0"),
     ("loss.loc_weight=-0.5", "loss.loc_weight", "-0.5", "must be >= 0"),
-    ("loss.iou_threshold=1.01", "loss.iou_threshold", "1.01", "must be in (0, 1]"),
-    ("loss.variances=[0.1]", "loss.variances", "[0.1]", "must be a list of 2 numbers > 0"),
-    ("loss.variances=[0.1, 0]", "loss.variances", "[0.1, 0]", "must be a list of 2 numbers > 0"),
-    ("loss.variances=0.1", "loss.variances", "0.1", "must be a list of 2 numbers > 0"),
+    ("matching.iou_threshold=1.01", "matching.iou_threshold", "1.01", "must be in (0, 1]"),
+    ("matching.variances=[0.1]", "matching.variances", "[0.1]", "must be a list of 2 numbers > 0"),
+    ("matching.variances=[0.1, 0]", "matching.variances", "[0.1, 0]", "must be a list of 2 numbers > 0"),
+    ("matching.variances=0.1", "matching.variances", "0.1", "must be a list of 2 numbers > 0"),
     # augment
     ("augment.strength=-0.1", "augment.strength", "-0.1", "must be in [0, 1]"),
     ("augment.strength=.nan", "augment.strength", "nan", "must be a number in [0, 1]"),
@@ -199,7 +199,7 @@ def test_the_message_reads_key_requirement_value():
         ("optim.grad_clip=0", "optim.grad_clip", 0),
         ("loss.neg_ratio=0.5", "loss.neg_ratio", 0.5),
         ("loss.loc_weight=0", "loss.loc_weight", 0),
-        ("loss.iou_threshold=1", "loss.iou_threshold", 1),
+        ("matching.iou_threshold=1", "matching.iou_threshold", 1),
         ("augment.strength=0", "augment.strength", 0),
         ("augment.strength=1", "augment.strength", 1),
         ("augment.mean=[0, 0, 1]", "augment.mean", (0, 0, 1)),
@@ -243,7 +243,7 @@ def test_sections_built_directly_are_checked_too():
     with pytest.raises(ConfigError, match=r"^unknown model\.arch 'resnet'"):
         ModelConfig(arch="resnet")
     assert issubclass(ConfigError, ValueError)  # callers that catch ValueError keep working
-    assert LossConfig(variances=[0.1, 0.2]).variances == (0.1, 0.2)  # a list becomes a tuple
+    assert MatchingConfig(variances=[0.1, 0.2]).variances == (0.1, 0.2)  # a list becomes a tuple
     assert set(ModelConfig.__dataclass_fields__) and ModelConfig().arch in ARCHITECTURES
 
 
@@ -264,6 +264,20 @@ def test_an_override_that_is_not_yaml_is_a_one_line_config_error():
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 def test_round_trip_through_to_dict_keeps_normalised_values(name):
-    cfg = load_config(name, ["optim.lr=1e-3", "train.epochs=4.0", "loss.variances=[0.1, 0.2]"])
+    cfg = load_config(name, ["optim.lr=1e-3", "train.epochs=4.0", "matching.variances=[0.1, 0.2]"])
     assert (cfg.optim.lr, cfg.train.epochs) == (0.001, 4) and isinstance(cfg.train.epochs, int)
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_keys_that_moved_to_the_matching_section():
+    # a config saved before the move (a checkpoint, a registered model) reads the same values
+    saved = load_config("tiny").to_dict()
+    del saved["matching"]
+    saved["loss"] |= {"iou_threshold": 0.6, "variances": [0.2, 0.2]}
+    cfg = config_from_dict(saved)
+    assert (cfg.matching.iou_threshold, cfg.matching.variances) == (0.6, (0.2, 0.2))
+    # an override under the old name points to the new one
+    with pytest.raises(ConfigError, match=r"loss\.variances is now matching\.variances$"):
+        load_config("tiny", ["loss.variances=[0.2, 0.2]"])
+    with pytest.raises(ConfigError, match=r"unknown matching\.strategy 'atss': must be one of 'max_iou'"):
+        load_config("tiny", ["matching.strategy=atss"])

@@ -3,7 +3,14 @@ import torch
 
 from ssd.config import OptimConfig, load_config
 from ssd.data.synthetic import CLASSES, SyntheticDetection
-from ssd.engine import Trainer, build_optimizer, build_scheduler, collate, lr_factor, network_input
+from ssd.engine import (
+    StepRunner,
+    build_optimizer,
+    build_scheduler,
+    collate,
+    lr_factor,
+    network_input,
+)
 from ssd.models import build_model
 from ssd.transforms import build_transform
 
@@ -32,7 +39,7 @@ def _tiny_setup(overrides=(), images=16, strength=0.0):
 @pytest.mark.slow
 def test_tiny_end_to_end_loss_falls():
     cfg, model, optimizer, batches = _tiny_setup(["optim.warmup_iters=5", "optim.lr=0.01"])
-    trainer = Trainer(model, cfg, optimizer, build_scheduler(optimizer, cfg.optim, 60), "cpu")
+    trainer = StepRunner(model, cfg, optimizer, build_scheduler(optimizer, cfg.optim, 60), "cpu")
     first = trainer.train_epoch(batches)["loss"]
     for _ in range(28):
         last = trainer.train_epoch(batches)["loss"]
@@ -46,7 +53,7 @@ def test_non_finite_loss_stops_with_a_clear_error():
     images = images.clone()
     images[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        Trainer(model, cfg, optimizer).step(images, targets)
+        StepRunner(model, cfg, optimizer).step(images, targets)
 
 
 def test_uint8_batches_are_normalised_on_the_device_like_in_the_workers():

@@ -1,4 +1,4 @@
-"""Tests for ssd.evaluate (COCO via pycocotools, VOC devkit AP) and pipelines/evaluate.py."""
+"""Tests for ssd.evaluation (COCO via pycocotools, VOC devkit AP) and pipelines/evaluate.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ssd.evaluate import (
+from ssd.evaluation import (
     COCO_STAT_NAMES,
     CocoEvaluator,
     VocEvaluator,

@@ -1,4 +1,4 @@
-"""ssd.distributed.jobs: the working-dir upload checked with Ray's own packaging rules, and the
+"""ssd.distributed.submission: the working-dir upload checked with Ray's own packaging rules, and the
 repository's ignore files keeping data and outputs out of `ray job submit --working-dir .`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ssd.distributed.jobs import (
+from ssd.distributed.submission import (
     UPLOAD_LIMIT,
     SubmitError,
     check_working_dir,

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ssd.data.coco import CocoReader
-from ssd.data.shards import ShardLoader, ShardSet, ShardStream, read_samples
+from ssd.data.shards import ShardSet, read_samples
+from ssd.data.streaming import ShardLoader, ShardStream
 from ssd.data.synthetic import CLASSES
 from ssd.data.synthetic_layouts import write_coco, write_voc
 from ssd.data.voc import VOC_CLASSES, VocReader

@@ -21,9 +21,11 @@ from ssd.config import load_config
 from ssd.data.convert import make_synthetic_shards
 from ssd.data.shards import ShardSet, read_samples
 from ssd.data.synthetic import CLASSES
-from ssd.evaluate import COCO_STAT_NAMES, coco_evaluate, voc_evaluate
+from ssd.evaluation import COCO_STAT_NAMES, coco_evaluate, voc_evaluate
+from ssd.evaluation.service import evaluate_on_shards as evaluate_model
+from ssd.evaluation.service import flat_metrics
 from ssd.models import build_model
-from ssd.scoring import evaluate_checkpoint, evaluate_model, flat_metrics
+from ssd.scoring import evaluate_checkpoint
 from ssd.serving import Detector
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +97,7 @@ def _assert_same_metrics(got: dict, want: dict, *, with_areas: bool = True) -> N
 
 
 def test_voc_shards_get_voc07_and_the_coco_suite_as_training_reports_them(checkpoint, data):
-    from ssd.training import _Evaluation
+    from ssd.training import Validation
 
     spec = str(data["voc"] / "val")
     result = evaluate_checkpoint(checkpoint, spec, batch_size=1)
@@ -137,7 +139,8 @@ def test_voc_shards_get_voc07_and_the_coco_suite_as_training_reports_them(checkp
 
     # And exactly what a training run's validation reports for the same model and shards.
     model, cfg = detector.model, detector.cfg
-    train_coco, train_voc = _Evaluation(cfg, shard_set, torch.device("cpu"), 1).run(model)
+    validation = Validation(cfg, shard_set, torch.device("cpu"), 1).run(model)
+    train_coco, train_voc = validation.coco, validation.voc
     assert {k: v for k, v in result.items() if k not in ("VOC07", "data", "data_hash", "images")} == train_coco
     assert result["VOC07"] == train_voc  # every class has ground truth here: no NaN
     # evaluate_model itself: same numbers at another batch size (up to batched-conv rounding);

@@ -1,4 +1,4 @@
-"""Registration at the end of a training run (``pipelines/train.py``'s ``finish_run``) and later
+"""Registration at the end of a training run (``ssd.publish.finish_run``) and later
 (``pipelines/register.py``) against a real ``mlflow server`` that these tests stop and restart on
 the same port and store: the champion rule, the retry window, the command that finishes the job,
 and a failed run ended once the server is back."""
@@ -22,6 +22,9 @@ import pytest
 from conftest import wait_for_http  # tests/ is on sys.path under pytest, as for conftest itself
 
 from ssd.checkpoint import load_checkpoint
+from ssd.jobs.common import request_from_args
+from ssd.jobs.train import ResolvedTrain, TrainRequest, print_summary
+from ssd.publish import finish_run
 from ssd.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,18 +108,19 @@ def _checkpoint(tiny_checkpoint: Path, folder: Path, mAP: float) -> Path:
 
 
 def _finish(uri: str, checkpoint: Path, name: str | None, timeout: float, tracker: Tracker) -> dict:
-    """train.py's finish_run for ``tracker``'s run, as main() calls it after training."""
+    """finish_run for ``tracker``'s run, as a training job calls it after training."""
     args = train.get_args_parser().parse_args(
         ["--mlflow-uri", uri, "--register-timeout", str(timeout), *(["--register-as", name] if name else [])])
-    request = {"cfg": load_checkpoint(checkpoint).config, "resumed": {}, "source": None, "val_spec": "/nowhere/val",
-               "train_set": SimpleNamespace(info={"content_hash": "train-hash"}),
-               "val_set": SimpleNamespace(info={"content_hash": "val-hash"})}
-    return train.finish_run(args, request, tracker, checkpoint, str(checkpoint))
+    resolved = ResolvedTrain(cfg=load_checkpoint(checkpoint).config, val_spec="/nowhere/val",
+                             train_set=SimpleNamespace(info={"content_hash": "train-hash"}),
+                             val_set=SimpleNamespace(info={"content_hash": "val-hash"}),
+                             train_spec="/nowhere/train", name="r", storage="/nowhere")
+    return finish_run(request_from_args(TrainRequest, args), resolved, tracker, checkpoint, str(checkpoint))
 
 
 def _printed(summary: dict, capsys) -> str:
     capsys.readouterr()
-    train.print_summary(summary | {"run_name": "r", "seconds": 1.0})
+    print_summary(summary | {"run_name": "r", "seconds": 1.0})
     return capsys.readouterr().out
 
 

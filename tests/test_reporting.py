@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ssd.evaluate import CocoEvaluator, VocEvaluator
+from ssd.draw import PALETTE
+from ssd.evaluation import CocoEvaluator, VocEvaluator
 from ssd.reporting import (
     GT_COLOR,
-    PALETTE,
     REPORT_FILES,
     detection_grid,
     mean_row,

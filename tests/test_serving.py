@@ -70,7 +70,6 @@ def test_boxes_are_in_original_pixels_like_a_hand_run_evaluation(detector, check
     size = cfg.priors.image_size
     model = build_model(cfg)
     model.load_state_dict(torch.load(checkpoint / "model.pt", weights_only=True))
-    priors = cfg.priors.generate()
     transform = build_transform(size, 0.0, train=False, min_size=0.0, normalize=True,
                                 mean=cfg.augment.mean, std=cfg.augment.std)
     empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}
@@ -80,7 +79,7 @@ def test_boxes_are_in_original_pixels_like_a_hand_run_evaluation(detector, check
         height, width = image.shape[-2:]
         x, _ = transform(image, empty)
         x = x[None].contiguous(memory_format=torch.channels_last)  # as cfg.train.channels_last
-        (det,) = predict(model, x, priors, cfg.postprocess, image_sizes=torch.tensor([[size, size]]))
+        (det,) = predict(model, x, cfg.postprocess, image_sizes=torch.tensor([[size, size]]))
         want = det["boxes"] * torch.tensor([width / size, height / size] * 2)
         got = [r for r in rows if r["image"] == index]
         assert len(got) == len(det["scores"]) > 0

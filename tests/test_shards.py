@@ -23,19 +23,15 @@ from ssd.data.sharding import (
 )
 from ssd.data.shards import (
     ShardFormatError,
-    ShardLoader,
     ShardSet,
-    ShardStream,
     ShardWriter,
     _tar_size,
     content_hash,
     encode_json,
-    pack_batch,
     read_samples,
-    rebatch,
     tar_file_size,
-    unpack_targets,
 )
+from ssd.data.streaming import ShardLoader, ShardStream, pack_batch, rebatch, unpack_targets
 from ssd.transforms import build_transform
 
 

@@ -15,10 +15,8 @@ from ssd.data.synthetic import (
     _draw_object,
     _shape_extent,
     render_sample,
-    write_coco,
-    write_voc,
 )
-from ssd.data.synthetic_layouts import COCO_CATEGORY_IDS
+from ssd.data.synthetic_layouts import COCO_CATEGORY_IDS, write_coco, write_voc
 
 
 def test_deterministic_per_seed_and_index():

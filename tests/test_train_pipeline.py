@@ -90,7 +90,7 @@ def test_missing_data_fails_fast_naming_the_path(tmp_path):
     ("optim.lr=abc", "optim.lr must be a number >= 0, got 'abc'"),
     ("loss.neg_ratio=-1", "loss.neg_ratio must be"),
     ("augment.strength=1.5", "augment.strength must be in [0, 1], got 1.5"),
-    ("loss.iou_threshold=0", "loss.iou_threshold must be"),
+    ("matching.iou_threshold=0", "matching.iou_threshold must be"),
     ("optim.schedule=linear", "optim.schedule 'linear'"),
 ])
 def test_bad_config_values_fail_before_ray_naming_key_and_value(shards, tmp_path, override, message):

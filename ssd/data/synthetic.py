@@ -10,7 +10,8 @@ Everything is a pure function of ``(seed, index)``, so any worker can render any
 ``s`` of a dataset with seed ``seed`` is ``render_sample(i, seed + SPLIT_SEED_OFFSETS[s])``.
 
 :mod:`ssd.data.synthetic_layouts` writes the dataset to disk in the real PASCAL VOC and MS-COCO
-layouts (``write_voc``, ``write_coco``, also importable from here), so the real readers read it.
+layouts (``write_voc``, ``write_coco``), so the real readers read it. The dependency is one-way:
+that module imports this one, never the reverse.
 """
 
 from __future__ import annotations
@@ -201,12 +202,3 @@ class SyntheticDetection(torch.utils.data.Dataset):
             image, target = self.transform(image, dict(target))  # transforms return new dicts
         return image, target
 
-
-def __getattr__(name: str):
-    # The writers live in synthetic_layouts, which imports this module; importing them lazily here
-    # (PEP 562) keeps ``from ssd.data.synthetic import write_voc`` working without an import cycle.
-    if name in ("write_voc", "write_coco"):
-        from ssd.data import synthetic_layouts
-
-        return getattr(synthetic_layouts, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

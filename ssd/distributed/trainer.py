@@ -10,11 +10,9 @@ the best ``num_to_keep`` by validation mAP, plus always the latest).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +20,18 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import yaml
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
 from ssd import storage
 from ssd.checkpoint import load_checkpoint
-from ssd.config import Config, config_from_dict
+from ssd.config import Config
 from ssd.distributed.cluster import ClusterTooSmall, Scaling, check_cluster_resources  # noqa: F401 - re-exported
 from ssd.distributed.console import quiet_train_console
 from ssd.distributed.failures import SSDTorchTrainer
 from ssd.distributed.ray_internals import placement_group, train_report_logger
+from ssd.jobs.common import CHECKPOINT_PREFIX, checkpoint_summary, latest_checkpoint  # noqa: F401 - re-exported
 from ssd.tracking import Tracker
 from ssd.training import SCORE, RunOptions, errors_are_permanent, run_training
-
-CHECKPOINT_PREFIX = "checkpoint-epoch-"
 
 
 def _quiet_report_logs() -> None:
@@ -54,9 +50,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _quiet_report_logs()
     quiet_train_console()
     torch.set_num_threads(max(1, int(loop_config["threads"])))
-    with errors_are_permanent("the worker's setup"):  # a restart would fail the same way
-        cfg = config_from_dict(loop_config["config"])
-        options = RunOptions(**loop_config["options"])
+    cfg: Config = loop_config["config"]
+    options: RunOptions = loop_config["options"]
     device = ray.train.torch.get_device()
 
     resume = None
@@ -115,7 +110,7 @@ def release_placement_group(location: str | Path) -> bool:
     return True
 
 
-def build_trainer(
+def build_torch_trainer(
     cfg: Config,
     options: RunOptions,
     scaling: Scaling,
@@ -129,7 +124,8 @@ def build_trainer(
     placement_group_file: str | None = None,
     init_state: dict[str, Any] | None = None,
 ) -> SSDTorchTrainer:
-    """A ``TorchTrainer`` for one training run.
+    """Ray's ``TorchTrainer`` for one training run (not the plain-PyTorch ``StepRunner`` of
+    ``ssd.engine``: the Ray Train run of workers that each run ``ssd.training.run_training``).
 
     Args:
         name: the run's folder under ``storage_path``; an existing one is resumed by Ray.
@@ -144,7 +140,9 @@ def build_trainer(
             through the object store, so workers on any node get them. A run resumed from a
             checkpoint (after a failure, or ``resume_from``) starts from that instead.
     """
-    loop_config = {"config": cfg.to_dict(), "options": asdict(options),
+    # The config and options travel as the objects they are (frozen dataclasses, pickled by Ray):
+    # no dict round trip between the driver's checked config and the workers'.
+    loop_config = {"config": cfg, "options": options,
                    "threads": max(1, math.floor(scaling.cpus_per_worker)),
                    "placement_group_file": placement_group_file,
                    "init_state": ray.put(init_state) if init_state is not None else None}
@@ -169,33 +167,8 @@ def build_trainer(
     )
 
 
-def latest_checkpoint(run_dir: str | Path) -> str | None:
-    """The checkpoint of the highest epoch in a run folder (a path or an ``s3://`` URI), or None.
-
-    Only each checkpoint's ``meta.json`` is read, never its weights.
-    """
-    found = []
-    for name in storage.list_names(run_dir):
-        if not name.startswith(CHECKPOINT_PREFIX):
-            continue
-        folder = storage.join(run_dir, name)
-        try:
-            found.append((json.loads(storage.read_text(storage.join(folder, "meta.json")))["epoch"], folder))
-        except (OSError, ValueError, KeyError):  # a partial upload or a foreign folder
-            continue
-    return max(found)[1] if found else None
-
-
 def checkpoint_location(checkpoint: ray.train.Checkpoint) -> str:
     """A Ray checkpoint's place as users write it: a path, or a URI (Ray keeps ``bucket/key``
     and the filesystem apart)."""
     scheme = {"local": "", "gcs": "gs"}.get(checkpoint.filesystem.type_name, checkpoint.filesystem.type_name)
     return f"{scheme}://{checkpoint.path}" if scheme else checkpoint.path
-
-
-def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
-    """A checkpoint's ``meta.json`` plus its ``config`` (a ``Config``), read without its weights,
-    from a path or a URI: what a resumed run needs to know before it starts."""
-    meta = json.loads(storage.read_text(storage.join(folder, "meta.json")))
-    config = config_from_dict(yaml.safe_load(storage.read_text(storage.join(folder, "config.yaml"))))
-    return {**meta, "config": config}

@@ -4,7 +4,7 @@
 Each trial: sampled values -> ``ssd.search_space.trial_config`` (a combination that cannot be
 built ends that trial with an ``invalid`` status, not the sweep) -> optional prior-recall
 pre-screen (specs whose ground-truth coverage is below ``min_prior_recall`` are skipped before
-any training) -> an MLflow child run of the sweep's parent run -> ``build_trainer(...,
+any training) -> an MLflow child run of the sweep's parent run -> ``build_torch_trainer(...,
 callbacks=[TuneReportCallback()])`` -> ``fit()``. The driver itself holds no CPU (its trainer's
 workers do), so a 2-CPU machine runs trials without deadlocking.
 """
@@ -22,9 +22,9 @@ import ray.tune
 from ray import tune
 
 from ssd import storage
-from ssd.config import ConfigError, config_from_dict
+from ssd.config import ConfigError
 from ssd.distributed.failures import summarize
-from ssd.distributed.trainer import Scaling, build_trainer
+from ssd.distributed.trainer import Scaling, build_torch_trainer
 from ssd.search_space import SearchSpace, trial_config
 from ssd.tracking import Tracker
 from ssd.training import SCORE, RunOptions
@@ -38,8 +38,8 @@ DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
 class SweepSetup:
     """Everything a trial needs besides its sampled values (shipped once via the object store)."""
 
-    base_config: dict[str, Any]
-    options: dict[str, Any]  # RunOptions fields
+    base_config: dict[str, Any]  # as saved in sweep_setup.json; each trial sets its values in it
+    options: RunOptions
     scaling: Scaling
     storage_path: str
     sweep_name: str
@@ -78,14 +78,15 @@ def max_concurrent_trials(scaling: Scaling, resources: dict[str, float] | None =
 
 
 def prior_recall(cfg: Any, gt: dict[str, Any]) -> float:
-    """Fraction of the pre-screen's ground-truth boxes with a prior at IoU >= 0.5."""
+    """Fraction of the pre-screen's ground-truth boxes with a prior at IoU >= the config's
+    ``matching.iou_threshold`` (0.5): the boxes its matcher can match by threshold."""
     import torch
 
-    from ssd.prior_analysis import GroundTruth, prior_coverage
+    from ssd.prior_analysis import GroundTruth, analyze_config
 
     truth = GroundTruth(boxes=torch.tensor(gt["boxes"], dtype=torch.float32).reshape(-1, 4),
                         areas=torch.tensor(gt["areas"], dtype=torch.float32), num_images=gt["num_images"])
-    return float(prior_coverage(cfg.priors.generate(), truth)["all"]["recall"])
+    return float(analyze_config(cfg, truth)["coverage"]["all"]["recall"])
 
 
 def _trial_id() -> str:
@@ -97,10 +98,9 @@ def trial_driver(values: dict[str, Any], setup: SweepSetup) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = _trial_id()
-    base = config_from_dict(setup.base_config)
     tags = {"trial_id": trial_id, "sampled": json.dumps(values, sort_keys=True, default=str)}
     try:
-        cfg = trial_config(base, values)
+        cfg = trial_config(setup.base_config, values)
     except ConfigError as err:
         print(f"trial {trial_id}: invalid config: {err}", flush=True)
         _untrained_child(setup, trial_id, values, tags | {"status": "invalid", "error": str(err)[:5000]})
@@ -124,13 +124,13 @@ def trial_driver(values: dict[str, Any], setup: SweepSetup) -> None:
                           parent_run_id=setup.parent_run_id)
         tracker.log_params({**values, "num_priors": cfg.priors.num_priors(),
                             "boxes_per_location": list(cfg.priors.boxes_per_location())})
-    options = RunOptions(**setup.options)
+    options = setup.options
     if tracker is not None and tracker.active:
         options = replace(options, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
-    trainer = build_trainer(cfg, options, setup.scaling, name=run_name,
-                            storage_path=setup.storage_path, max_failures=0, keep_checkpoints=1,
-                            callbacks=[TuneReportCallback()],
-                            placement_group_file=placement_group_file(setup, trial_id))
+    trainer = build_torch_trainer(cfg, options, setup.scaling, name=run_name,
+                                  storage_path=setup.storage_path, max_failures=0, keep_checkpoints=1,
+                                  callbacks=[TuneReportCallback()],
+                                  placement_group_file=placement_group_file(setup, trial_id))
     try:
         trainer.fit()
     except BaseException:
@@ -148,7 +148,7 @@ def _finished_run_metrics(setup: SweepSetup, run_name: str, epochs: int) -> dict
 
     Ray Train would "resume" such a run by returning at once, with nothing reported to Tune.
     """
-    from ssd.distributed.trainer import latest_checkpoint
+    from ssd.jobs.common import latest_checkpoint
 
     last = latest_checkpoint(storage.join(setup.storage_path, run_name))
     if last is None:

@@ -3,7 +3,7 @@
 Example::
 
     >>> model = build_model(load_config("ssd300_vgg16"))
-    >>> loc, logits = model(images)  # (B, P, 4), (B, P, C), rows in cfg.priors.generate() order
+    >>> loc, logits = model(images)  # (B, P, 4), (B, P, C), rows aligned with model.coding.priors()
 """
 
 from ssd.models.heads import SSDHead

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ssd.coding import BoxCoding
 from ssd.config import Config
 from ssd.models.base import FeatureExtractor
 from ssd.models.heads import SSDHead
@@ -24,7 +25,9 @@ class SSD(nn.Module):
     Attributes:
         features: backbone + extras returning the source maps.
         head: the box-offset and class-logit predictors.
-        prior_spec: the priors the outputs are aligned with.
+        coding: the priors the outputs are aligned with, and the box coder and matcher that
+            go with them (``ssd.coding.BoxCoding``): training's targets and inference's
+            decoding both come from here. Plain Python, not part of the state dict.
         num_classes: C, including the background class 0.
         arch: the architecture name it was built as.
     """
@@ -33,16 +36,21 @@ class SSD(nn.Module):
         self,
         features: FeatureExtractor,
         head: SSDHead,
-        prior_spec: PriorSpec,
+        coding: BoxCoding,
         num_classes: int,
         arch: str = "custom",
     ) -> None:
         super().__init__()
         self.features = features
         self.head = head
-        self.prior_spec = prior_spec
+        self.coding = coding
         self.num_classes = num_classes
         self.arch = arch
+
+    @property
+    def prior_spec(self) -> PriorSpec:
+        """The prior spec of :attr:`coding`."""
+        return self.coding.spec
 
     @property
     def backbone(self) -> nn.Module:
@@ -52,7 +60,7 @@ class SSD(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images (B, 3, S, S) float, S = prior_spec.image_size ->
         (loc offsets (B, P, 4), class logits (B, P, num_classes)), P = prior_spec.num_priors(),
-        row p aligned with row p of ``prior_spec.generate()``."""
+        row p aligned with row p of ``coding.priors()``."""
         size = self.prior_spec.image_size
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
             raise ValueError(
@@ -136,7 +144,8 @@ def build_model(cfg: Config) -> SSD:
         separable=arch.separable_heads,
     )
     model = SSD(
-        arch.features(model_cfg.width_mult), head, spec, model_cfg.num_classes, model_cfg.arch
+        arch.features(model_cfg.width_mult), head, BoxCoding.from_config(cfg), model_cfg.num_classes,
+        model_cfg.arch,
     )
     if model_cfg.backbone_weights:
         load_backbone_weights(model, model_cfg.backbone_weights)

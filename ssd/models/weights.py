@@ -1,4 +1,8 @@
-"""Loading pretrained weights into an SSD's backbone."""
+"""Loading pretrained weights into an SSD's backbone.
+
+The dependency on the model is one-way: ``ssd.models.ssd`` imports this module, and this module
+only needs the model's feature extractor (``ssd.models.base``), described by :class:`HasBackbone`.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,12 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from ssd.models.ssd import SSD
+from ssd.models.base import FeatureExtractor
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +51,20 @@ def read_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
     return dict(obj)
 
 
+class HasBackbone(Protocol):
+    """What :func:`load_backbone_weights` needs of a model (``ssd.models.SSD`` has both)."""
+
+    features: FeatureExtractor  # its ``backbone`` is what the weights load into
+    arch: str  # named in error messages
+
+
 def _listing(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_backbone_weights(model: SSD, source: str | os.PathLike[str]) -> None:
-    """Copy a state dict from ``source`` into ``model.backbone`` (nothing else changes).
+def load_backbone_weights(model: HasBackbone, source: str | os.PathLike[str]) -> None:
+    """Copy a state dict from ``source`` into ``model.features.backbone`` (nothing else changes).
 
     The feature extractor first maps known foreign layouts onto its own keys (torchvision's
     ``vgg16`` / ``mobilenet_v2``, pytorch-ssd's MobileNetV1). Then loading is strict: unexpected
@@ -67,7 +77,8 @@ def load_backbone_weights(model: SSD, source: str | os.PathLike[str]) -> None:
         state = model.features.convert_backbone_state_dict(state)
     except ValueError as err:
         raise ValueError(f"backbone weights {name}: {err}") from None
-    target = model.backbone.state_dict()
+    backbone = model.features.backbone
+    target = backbone.state_dict()
     optional = model.features.optional_backbone_keys
     unexpected = sorted(set(state) - set(target))
     missing = sorted(set(target) - set(state) - optional)
@@ -87,7 +98,7 @@ def load_backbone_weights(model: SSD, source: str | os.PathLike[str]) -> None:
         raise ValueError(
             f"backbone weights {name} do not fit the {model.arch} backbone: " + "; ".join(problems)
         )
-    model.backbone.load_state_dict(state, strict=False)
+    backbone.load_state_dict(state, strict=False)
     kept = sorted(optional - set(state))
     log.info(
         "loaded %d backbone tensors from %s%s",

@@ -1,28 +1,21 @@
-"""Detection metrics: COCO-style AP through pycocotools, and the PASCAL VOC AP.
-
-Two ways in:
+"""The COCO detection metric: AP/AR through pycocotools, on files or on accumulated tensors.
 
 - :func:`coco_evaluate` takes a COCO ground-truth dict / JSON file and a COCO *results* list /
   JSON file (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]``), as written
   by any detector, and returns the 12 ``COCOeval.summarize`` numbers plus per-class AP,
   per-class AP50 and the per-class precision-recall curves at IoU .50.
-- :class:`CocoEvaluator` and :class:`VocEvaluator` accumulate per-image tensors during an
-  evaluation loop (``add``), can be combined across distributed ranks (``state`` /
-  ``from_states`` / ``merge``) and compute the metric at the end (``compute``).
+- :class:`CocoEvaluator` accumulates per-image tensors during an evaluation loop (``add``; see
+  :mod:`ssd.evaluation.accumulator` for merging ranks) and runs :func:`coco_evaluate` on them.
 
-Box conventions (docs/DESIGN.md, "Contracts"): tensors are (N, 4) ``x1, y1, x2, y2`` in absolute
-pixels of the image as stored, *continuous* coordinates (the VOC reader already turned the
-devkit's 1-based inclusive integer boxes into boxes whose width is ``xmax - xmin + 1``). COCO
-JSON boxes are ``[x, y, w, h]`` in the same pixels.
+Box conventions: tensors are (N, 4) ``x1, y1, x2, y2`` in absolute
+pixels of the image as stored; COCO JSON boxes are ``[x, y, w, h]`` in the same pixels.
 
-Every returned dict is JSON-able (plain floats, dicts and lists), e.g. for COCO::
+The result is JSON-able (plain floats, dicts and lists)::
 
     {"AP": .., "AP50": .., "AP75": .., "AP_small": .., "AP_medium": .., "AP_large": ..,
      "AR1": .., "AR10": .., "AR100": .., "AR_small": .., "AR_medium": .., "AR_large": ..,
      "per_class_AP": {"person": .., ...}, "per_class_AP50": {"person": .., ...},
      "pr_curve50": {"recall": [0.0, 0.01, ..., 1.0], "precision": {"person": [..101..], ...}}}
-
-and for VOC ``{"mAP": .., "per_class_AP": {...}}``.
 """
 
 from __future__ import annotations
@@ -31,34 +24,19 @@ import contextlib
 import copy
 import io
 import json
-import logging
 import math
 import numbers
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from ssd.boxes import box_iou
+from ssd.evaluation.accumulator import PerImageAccumulator
 
-if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are strings here, so no runtime import
-    from typing_extensions import Self
-
-__all__ = [
-    "COCO_STAT_NAMES",
-    "CocoEvaluator",
-    "VocEvaluator",
-    "coco_evaluate",
-    "voc_ap",
-    "voc_evaluate",
-]
-
-log = logging.getLogger(__name__)
+__all__ = ["COCO_STAT_NAMES", "CocoEvaluator", "coco_evaluate"]
 
 #: Names of the 12 numbers of ``COCOeval.summarize()`` (``COCOeval.stats``), in its order.
 COCO_STAT_NAMES: tuple[str, ...] = (
@@ -75,9 +53,6 @@ COCO_STAT_NAMES: tuple[str, ...] = (
     "AR_medium",
     "AR_large",
 )
-
-ArrayLike = Tensor | np.ndarray | Sequence[Any]
-
 
 # --------------------------------------------------------------------------------------------
 # COCO: input loading and validation
@@ -296,7 +271,7 @@ def coco_evaluate(
         FileNotFoundError: a path that does not exist (the message names it).
         ValueError: malformed input; the message names the file (or "in memory") and field.
     """
-    # Imported here so that importing ssd.evaluate (e.g. for voc_ap) does not need pycocotools.
+    # Imported here so that importing ssd.evaluation (e.g. for voc_ap) does not need pycocotools.
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -403,182 +378,6 @@ def _coco_pr_curve(
 
 
 # --------------------------------------------------------------------------------------------
-# Per-image accumulation shared by the COCO and VOC evaluators
-# --------------------------------------------------------------------------------------------
-
-
-def _to_numpy(
-    x: ArrayLike | None, dtype: Any, name: str, shape_tail: tuple[int, ...] = ()
-) -> np.ndarray:
-    """Tensor / array / list → numpy ``dtype`` array of shape (N, *shape_tail); None → empty."""
-    if x is None:
-        return np.zeros((0, *shape_tail), dtype=dtype)
-    if isinstance(x, Tensor):
-        # Via float64 for floating tensors: exact for every float dtype, and numpy has no bf16.
-        x = x.detach().cpu()
-        x = (x.double() if x.is_floating_point() else x).numpy()
-    arr = np.asarray(x, dtype=dtype)
-    if arr.size == 0:  # accept (0,), [] etc. for "no boxes"
-        return arr.reshape(0, *shape_tail)
-    if arr.shape[1:] != shape_tail or arr.ndim != 1 + len(shape_tail):
-        expected = "(N" + "".join(f", {d}" for d in shape_tail) + (",)" if not shape_tail else ")")
-        raise ValueError(f"{name}: expected shape {expected}, got {tuple(arr.shape)}")
-    return arr
-
-
-class _PerImageAccumulator:
-    """Keeps one record per image (numpy arrays) and merges records across ranks.
-
-    A record holds the image's ground truth and detections; both evaluators share ``add``, so an
-    evaluation loop can feed either (or both) with the same call.
-    """
-
-    def __init__(self, class_names: Sequence[str]) -> None:
-        if not class_names:
-            raise ValueError("class_names is empty")
-        if len(set(class_names)) != len(class_names):
-            raise ValueError(f"class_names are not unique: {list(class_names)}")
-        self.class_names: list[str] = [str(n) for n in class_names]
-        self._records: dict[int, dict[str, Any]] = {}
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def add(
-        self,
-        image_id: int,
-        width: int,
-        height: int,
-        gt_boxes: ArrayLike,
-        gt_labels: ArrayLike,
-        det_boxes: ArrayLike,
-        det_scores: ArrayLike,
-        det_labels: ArrayLike,
-        gt_iscrowd: ArrayLike | None = None,
-        gt_difficult: ArrayLike | None = None,
-    ) -> None:
-        """Record one image.
-
-        Args:
-            image_id: the dataset's stable image id (unique over the evaluation set).
-            width, height: image size in pixels (as stored, i.e. the boxes' frame).
-            gt_boxes: (N, 4) xyxy absolute pixels.
-            gt_labels: (N,) int64 in 1..C (0 is background and never a ground truth).
-            det_boxes: (K, 4) xyxy absolute pixels of the same image.
-            det_scores: (K,) confidence.
-            det_labels: (K,) int64 in 1..C.
-            gt_iscrowd: (N,) bool, COCO crowd regions (None: all False).
-            gt_difficult: (N,) bool, VOC difficult objects (None: all False).
-
-        An image id added twice keeps the first record: ``DistributedSampler`` pads ranks by
-        repeating images, and counting an image twice would bias the metric.
-        """
-        gt_b = _to_numpy(gt_boxes, np.float64, "gt_boxes", (4,))
-        n = len(gt_b)
-        rec = {
-            "image_id": int(image_id),
-            "width": int(width),
-            "height": int(height),
-            "gt_boxes": gt_b,
-            "gt_labels": _to_numpy(gt_labels, np.int64, "gt_labels"),
-            "gt_iscrowd": _to_numpy(gt_iscrowd, bool, "gt_iscrowd")
-            if gt_iscrowd is not None
-            else np.zeros(n, dtype=bool),
-            "gt_difficult": _to_numpy(gt_difficult, bool, "gt_difficult")
-            if gt_difficult is not None
-            else np.zeros(n, dtype=bool),
-            "det_boxes": _to_numpy(det_boxes, np.float64, "det_boxes", (4,)),
-            "det_scores": _to_numpy(det_scores, np.float64, "det_scores"),
-            "det_labels": _to_numpy(det_labels, np.int64, "det_labels"),
-        }
-        self._check_record(rec)
-        self._insert(rec)
-
-    def _check_record(self, rec: Mapping[str, Any]) -> None:
-        where = f"image {rec['image_id']}"
-        n, k = len(rec["gt_boxes"]), len(rec["det_boxes"])
-        for key, expected in (
-            ("gt_labels", n),
-            ("gt_iscrowd", n),
-            ("gt_difficult", n),
-            ("det_scores", k),
-            ("det_labels", k),
-        ):
-            if len(rec[key]) != expected:
-                raise ValueError(f"{where}: {key} has {len(rec[key])} entries, expected {expected}")
-        for key in ("gt_labels", "det_labels"):
-            labels = rec[key]
-            if labels.size and (labels.min() < 1 or labels.max() > self.num_classes):
-                raise ValueError(
-                    f"{where}: {key} must be in 1..{self.num_classes}, got {np.unique(labels)}"
-                )
-        for key in ("gt_boxes", "det_boxes"):
-            boxes = rec[key]
-            if not np.isfinite(boxes).all():
-                raise ValueError(f"{where}: {key} has non-finite values")
-            if (boxes[:, 2:] < boxes[:, :2]).any():
-                raise ValueError(f"{where}: {key} must be xyxy with x2 >= x1 and y2 >= y1")
-        if not np.isfinite(rec["det_scores"]).all():
-            raise ValueError(f"{where}: det_scores has non-finite values")
-
-    def _insert(self, rec: dict[str, Any]) -> None:
-        image_id = rec["image_id"]
-        if image_id in self._records:
-            log.debug("image %s added again; keeping the first record", image_id)
-            return
-        self._records[image_id] = rec
-
-    def _sorted_records(self) -> list[dict[str, Any]]:
-        # Sorting by image id makes every export and metric independent of the order in which
-        # images (or ranks) arrived: pycocotools and the VOC ranking break score ties by order.
-        return [self._records[i] for i in sorted(self._records)]
-
-    def state(self) -> dict[str, Any]:
-        """A picklable snapshot (class names + per-image numpy records) to gather across ranks.
-
-        Use with ``torch.distributed.all_gather_object`` or Ray, then :meth:`from_states`.
-        """
-        return {
-            "class_names": list(self.class_names),
-            "records": [dict(r) for r in self._sorted_records()],
-        }
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Add the records of a :meth:`state` snapshot (same class names required)."""
-        if list(state["class_names"]) != self.class_names:
-            raise ValueError(
-                f"cannot merge evaluators with different class names: "
-                f"{self.class_names} vs {list(state['class_names'])}"
-            )
-        for rec in state["records"]:
-            rec = dict(rec)
-            self._check_record(rec)
-            self._insert(rec)
-
-    def merge(self, other: _PerImageAccumulator) -> None:
-        """Add every image of ``other`` (e.g. another rank's evaluator) into this one."""
-        self.load_state(other.state())
-
-    @classmethod
-    def from_states(cls, states: Iterable[Mapping[str, Any]], **kwargs: Any) -> Self:
-        """Build one evaluator from the :meth:`state` of several (e.g. one per rank).
-
-        ``kwargs`` go to the constructor (e.g. ``iou_threshold`` of :class:`VocEvaluator`).
-        """
-        states = list(states)
-        if not states:
-            raise ValueError("from_states needs at least one state")
-        evaluator = cls(states[0]["class_names"], **kwargs)
-        for state in states:
-            evaluator.load_state(state)
-        return evaluator
-
-
-# --------------------------------------------------------------------------------------------
 # COCO evaluator
 # --------------------------------------------------------------------------------------------
 
@@ -589,7 +388,7 @@ def _xyxy_to_xywh_list(boxes: np.ndarray) -> list[list[float]]:
     return xywh.tolist()
 
 
-class CocoEvaluator(_PerImageAccumulator):
+class CocoEvaluator(PerImageAccumulator):
     """Accumulate per-image tensors, then run :func:`coco_evaluate` on them in memory.
 
     Labels 1..C become COCO category ids 1..C named ``class_names[label - 1]``. GT boxes become
@@ -656,202 +455,3 @@ class CocoEvaluator(_PerImageAccumulator):
             class_names={i + 1: n for i, n in enumerate(self.class_names)},
             verbose=verbose,
         )
-
-
-# --------------------------------------------------------------------------------------------
-# VOC metric
-# --------------------------------------------------------------------------------------------
-
-
-def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> float:
-    """Average precision from a ranked list's cumulative recall and precision.
-
-    Exactly py-faster-rcnn's ``voc_eval.voc_ap`` (itself a port of the devkit's ``VOCevaldet``):
-
-    - ``use_07_metric=True``: VOC2007's 11-point interpolation, the mean over
-      ``t in np.arange(0, 1.1, 0.1)`` of ``max(precision[recall >= t])`` (0 when no recall
-      reaches t). The thresholds are numpy's, e.g. 0.30000000000000004, as in py-faster-rcnn.
-    - ``use_07_metric=False``: VOC2010+'s area under the monotone (right-to-left running max)
-      precision envelope, summed where recall changes.
-
-    Args:
-        recall: (D,) cumulative recall after each detection in score order.
-        precision: (D,) cumulative precision after each detection.
-    Returns:
-        AP in [0, 1] (0 for empty inputs).
-    """
-    rec = np.asarray(recall, dtype=np.float64).ravel()
-    prec = np.asarray(precision, dtype=np.float64).ravel()
-    if rec.shape != prec.shape:
-        raise ValueError(f"recall {rec.shape} and precision {prec.shape} differ in shape")
-    if use_07_metric:
-        ap = 0.0
-        for t in np.arange(0.0, 1.1, 0.1):
-            above = rec >= t
-            p = float(np.max(prec[above])) if above.any() else 0.0
-            ap += p / 11.0
-        return float(ap)
-    # Sentinels at both ends, then the precision envelope (max precision at recall >= r).
-    mrec = np.concatenate(([0.0], rec, [1.0]))
-    mpre = np.concatenate(([0.0], prec, [0.0]))
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
-    changes = np.where(mrec[1:] != mrec[:-1])[0]
-    return float(np.sum((mrec[changes + 1] - mrec[changes]) * mpre[changes + 1]))
-
-
-def _voc_eval_records(
-    records: Sequence[Mapping[str, Any]],
-    num_classes: int,
-    iou_threshold: float,
-    use_07_metric: bool,
-) -> np.ndarray:
-    """Per-class VOC AP, (C,) with NaN for classes without (non-difficult) ground truth.
-
-    Same decisions as the devkit / py-faster-rcnn ``voc_eval``, vectorised:
-    each detection's best GT is the highest-IoU GT *of its class in its image*, over all of them
-    (difficult and already-matched included, ties to the first); that is a property of the
-    detection alone, computed per image as one (K, N) IoU matrix. Going down the global
-    score-sorted list of a class, a detection is then TP iff IoU > threshold, its best GT is not
-    difficult and it is the first such detection of that GT; FP if IoU <= threshold or the GT
-    was already taken; neither if its best GT is difficult. "First in score order per GT" is
-    ``np.unique(..., return_index=True)`` on the sorted list, so no loop over detections.
-    """
-    det_scores, det_labels, det_iou, det_gt = [], [], [], []
-    gt_labels, gt_ignore = [], []
-    offset = 0  # index of this image's first GT in the concatenated GT arrays
-    for rec in records:
-        gb, gl = rec["gt_boxes"], rec["gt_labels"]
-        db, dl = rec["det_boxes"], rec["det_labels"]
-        n, k = len(gb), len(db)
-        if k:
-            if n:
-                # (K, N) IoU in continuous pixels: no devkit "+1" (our boxes already have
-                # width = xmax - xmin + 1 relative to the devkit's integer boxes).
-                iou = box_iou(torch.from_numpy(db), torch.from_numpy(gb)).numpy()
-                iou[dl[:, None] != gl[None, :]] = -np.inf  # only GT of the detection's class
-                best = iou.argmax(axis=1)  # first maximum, like the devkit's max()
-                best_iou = iou[np.arange(k), best]
-            else:
-                best = np.zeros(k, dtype=np.int64)
-                best_iou = np.full(k, -np.inf)
-            det_scores.append(rec["det_scores"])
-            det_labels.append(dl)
-            det_iou.append(best_iou)
-            det_gt.append(best + offset)
-        gt_labels.append(gl)
-        # Crowd regions (COCO data) are treated like difficult objects: ignored.
-        gt_ignore.append(rec["gt_difficult"] | rec["gt_iscrowd"])
-        offset += n
-
-    def cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
-        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
-
-    scores, labels = cat(det_scores, np.float64), cat(det_labels, np.int64)
-    ious, gts = cat(det_iou, np.float64), cat(det_gt, np.int64)
-    all_gt_labels, all_gt_ignore = cat(gt_labels, np.int64), cat(gt_ignore, bool)
-
-    aps = np.full(num_classes, np.nan)
-    for c in range(1, num_classes + 1):
-        npos = int(np.count_nonzero((all_gt_labels == c) & ~all_gt_ignore))
-        if npos == 0:
-            continue  # AP undefined (recall = x / 0): NaN, left out of the mean
-        mask = labels == c
-        # Stable sort: ties keep image order, like MATLAB's sort in the devkit (numpy's default
-        # quicksort would make tied detections' order, and so AP, arbitrary).
-        order = np.argsort(-scores[mask], kind="stable")
-        c_iou, c_gt = ious[mask][order], gts[mask][order]
-        hit = c_iou > iou_threshold  # strictly greater, as the devkit
-        # c_gt is meaningless where there was no hit (may even be out of range): index 0 there.
-        on_ignored = hit & all_gt_ignore[np.where(hit, c_gt, 0)]
-        candidate = hit & ~on_ignored
-        tp = np.zeros(len(c_iou), dtype=bool)
-        cand_idx = np.flatnonzero(candidate)
-        _, first = np.unique(c_gt[cand_idx], return_index=True)  # first hit of each GT
-        tp[cand_idx[first]] = True
-        fp = ~hit | (candidate & ~tp)  # a miss, or a second detection of a matched GT
-        tp_cum = np.cumsum(tp, dtype=np.float64)
-        fp_cum = np.cumsum(fp, dtype=np.float64)
-        recall = tp_cum / npos
-        precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
-        aps[c - 1] = voc_ap(recall, precision, use_07_metric)
-    return aps
-
-
-def _voc_result(aps: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    valid = aps[~np.isnan(aps)]
-    return {
-        "mAP": float(valid.mean()) if valid.size else float("nan"),
-        "per_class_AP": {name: float(ap) for name, ap in zip(class_names, aps, strict=True)},
-    }
-
-
-class VocEvaluator(_PerImageAccumulator):
-    """PASCAL VOC AP (devkit rules) over per-image tensors; same ``add`` as :class:`CocoEvaluator`.
-
-    Args:
-        class_names: the C class names; label ``l`` in 1..C is ``class_names[l - 1]``.
-        iou_threshold: a detection is a hit iff IoU > this (strictly, as the devkit).
-        use_07_metric: VOC2007 11-point AP (default, the number SSD papers report on VOC07
-            test) or the VOC2010+ all-point AP.
-
-    Boxes are continuous-pixel xyxy, so IoU and areas use no devkit "+1" (the VOC reader already
-    converted the devkit's inclusive integer boxes). ``difficult`` GT are not counted in the
-    number of positives and a detection whose best GT is difficult is neither TP nor FP;
-    ``iscrowd`` GT are handled the same way. A class without non-difficult GT gets AP NaN and
-    is left out of the mAP (``mAP`` is NaN only if every class is).
-    """
-
-    def __init__(
-        self, class_names: Sequence[str], iou_threshold: float = 0.5, use_07_metric: bool = True
-    ) -> None:
-        super().__init__(class_names)
-        self.iou_threshold = float(iou_threshold)
-        self.use_07_metric = bool(use_07_metric)
-
-    def compute(self) -> dict[str, Any]:
-        """``{"mAP": float, "per_class_AP": {name: float}}`` over every image added so far."""
-        aps = _voc_eval_records(
-            self._sorted_records(), self.num_classes, self.iou_threshold, self.use_07_metric
-        )
-        return _voc_result(aps, self.class_names)
-
-
-def voc_evaluate(
-    ground_truths: Sequence[Mapping[str, ArrayLike]],
-    detections: Sequence[Mapping[str, ArrayLike]],
-    class_names: Sequence[str],
-    iou_threshold: float = 0.5,
-    use_07_metric: bool = True,
-) -> dict[str, Any]:
-    """VOC AP over a whole set given as parallel per-image lists (see :class:`VocEvaluator`).
-
-    Args:
-        ground_truths: per image ``{"boxes": (N, 4) xyxy pixels, "labels": (N,) 1..C,
-            "difficult": (N,) bool (optional), "iscrowd": (N,) bool (optional)}``.
-        detections: per image, same order, ``{"boxes": (K, 4) xyxy pixels, "scores": (K,),
-            "labels": (K,) 1..C}`` (the post-processing output).
-        class_names: the C class names.
-        iou_threshold: hit iff IoU > this.
-        use_07_metric: 11-point VOC2007 AP (default) or all-point VOC2010+ AP.
-    Returns:
-        ``{"mAP": float, "per_class_AP": {name: float}}``; NaN for classes without GT.
-    """
-    if len(ground_truths) != len(detections):
-        raise ValueError(
-            f"{len(ground_truths)} ground-truth images but {len(detections)} detection images"
-        )
-    evaluator = VocEvaluator(class_names, iou_threshold=iou_threshold, use_07_metric=use_07_metric)
-    for i, (gt, det) in enumerate(zip(ground_truths, detections, strict=True)):
-        evaluator.add(
-            image_id=i,
-            width=0,
-            height=0,
-            gt_boxes=gt["boxes"],
-            gt_labels=gt["labels"],
-            det_boxes=det["boxes"],
-            det_scores=det["scores"],
-            det_labels=det["labels"],
-            gt_iscrowd=gt.get("iscrowd"),
-            gt_difficult=gt.get("difficult"),
-        )
-    return evaluator.compute()

@@ -83,7 +83,7 @@ def upload_by_entry(root: Path) -> Counter[str]:
         if path.is_file():
             sizes[path.relative_to(root).parts[0]] += path.stat().st_size
 
-    walk_working_dir(root, add, logging.getLogger("ssd.jobs.quiet"))
+    walk_working_dir(root, add, logging.getLogger("ssd.distributed.submission.quiet"))
     return sizes
 
 
@@ -92,7 +92,7 @@ def check_working_dir(root: Path, limit: int = UPLOAD_LIMIT) -> int:
     largest included entries when it exceeds ``limit``."""
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "working_dir.zip"
-        pack_working_dir(root, package, logging.getLogger("ssd.jobs.quiet"))
+        pack_working_dir(root, package, logging.getLogger("ssd.distributed.submission.quiet"))
         size = package.stat().st_size
     if size > limit:
         largest = ", ".join(f"{name} ({n / 2**20:.0f} MiB)" for name, n in upload_by_entry(root).most_common(3))

@@ -1,0 +1,306 @@
+"""The hooks of one rank's training run (``ssd.train_loop``), one concern each.
+
+In the order ``ssd.training.run_training`` installs them:
+
+- :class:`EpochSeed`: the RNG seed and data order of each epoch depend only on (seed, epoch, rank);
+- :class:`BackboneFreeze`: the backbone frozen for the first K epochs, then trained;
+- :class:`StepProgress`: step lines with throughput and ETA, step metrics to MLflow;
+- :class:`InjectedFailure`: a rank exits abruptly at a given step (fault-tolerance tests);
+- :class:`EpochSummary`: the epoch's losses averaged over ranks;
+- :class:`PeriodicEvaluation`: validation every K epochs and at the end, the best mAP so far;
+- :class:`EpochLog`: epoch metrics to MLflow and the epoch line;
+- :class:`CheckpointReport`: ``report(metrics, save)`` once per epoch (Ray Train's checkpoints).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ssd.checkpoint import save_checkpoint, unwrap
+from ssd.train_loop import HookBase
+
+#: the checkpoint score: COCO AP@[.5:.95] on the validation shards
+SCORE = "mAP"
+#: the score of an epoch without evaluation (and the best score before the first): below any
+#: real mAP, so Ray keeps evaluated checkpoints first. Not NaN: Ray 2.60 stores NaN metrics as
+#: null in its checkpoint snapshot, and a resumed run then fails comparing None scores.
+NOT_EVALUATED = -1.0
+
+SaveFn = Callable[[Path], None]
+ReportFn = Callable[[dict[str, Any], SaveFn | None], None]
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of ``torch.distributed``, (0, 1) without it."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value averaged over the ranks (identity in one process)."""
+    if world()[1] == 1:
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    tensor /= dist.get_world_size()
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The global RNG seed of one rank's epoch (drives augmentation and loader worker seeds)."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**63)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class EpochSeed(HookBase):
+    """Seeds the epoch (augmentation draws) and sets the loader's epoch (shard order)."""
+
+    def __init__(self, seed: int, rank: int) -> None:
+        self.seed, self.rank = seed, rank
+
+    def before_epoch(self) -> None:
+        torch.manual_seed(epoch_seed(self.seed, self.loop.epoch, self.rank))
+        self.loop.loader.set_epoch(self.loop.epoch)
+
+
+class BackboneFreeze(HookBase):
+    """Keeps ``model.backbone`` frozen for the first ``epochs`` epochs.
+
+    Frozen parameters have ``requires_grad=False``: no gradient is computed (the backward pass
+    stops at the extras), SGD skips them (no weight decay or momentum either), and BatchNorm in
+    the backbone runs in eval mode (``StepRunner.frozen``). DDP only synchronises the parameters
+    that require gradients when it is built, so the model is wrapped again when the backbone
+    thaws (:meth:`wrap`).
+    """
+
+    def __init__(self, model: nn.Module, epochs: int, device: torch.device) -> None:
+        self.model, self.epochs, self.device = model, epochs, device
+        self.frozen: bool | None = None
+
+    def set_epoch(self, epoch: int) -> bool:
+        """Freeze or thaw for 0-based ``epoch``; True when that changed a frozen backbone."""
+        frozen = epoch < self.epochs
+        changed = self.frozen is not None and frozen != self.frozen
+        if frozen != self.frozen:
+            for parameter in self.model.backbone.parameters():
+                parameter.requires_grad_(not frozen)
+            self.frozen = frozen
+        return changed
+
+    def frozen_module(self) -> nn.Module | None:
+        return self.model.backbone if self.frozen else None
+
+    def wrap(self) -> nn.Module:
+        """The model to train: DDP-wrapped (anew) when distributed, else the model itself."""
+        if world()[1] == 1:
+            return self.model
+        # after the memory-format change: DDP's gradient buckets take the parameters' strides
+        return nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def before_epoch(self) -> None:
+        if not self.set_epoch(self.loop.epoch):
+            return
+        # the backbone thaws: it trains from this epoch on
+        self.loop.runner.model = self.wrap()
+        # The old DDP wrapper's reducer hooks every non-backbone parameter: it must be gone
+        # before the next backward, or those gradients would be reduced twice.
+        gc.collect()
+        self.loop.runner.frozen = self.frozen_module()
+        if world()[0] == 0:
+            print(f"epoch {self.loop.epoch_number}: the backbone is unfrozen", flush=True)
+
+
+class Progress:
+    """Rank 0's console lines: step progress with throughput and ETA, epoch summaries."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, enabled: bool) -> None:
+        self.epochs, self.steps = epochs, steps_per_epoch
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.steps_done = 0  # in this process (a resumed run's ETA uses its own pace)
+        self.eval_seconds = 0.0
+
+    def eta(self, epoch: int, step: int) -> float:
+        """Seconds left: remaining steps at this process's mean step time, evaluation included."""
+        elapsed = time.perf_counter() - self.start - self.eval_seconds
+        per_step = elapsed / max(self.steps_done, 1)
+        remaining = (self.epochs - epoch) * self.steps + (self.steps - step)
+        evals_per_step = self.eval_seconds / max(self.steps_done, 1)
+        return remaining * (per_step + evals_per_step)
+
+    def step(self, epoch: int, step: int, metrics: dict[str, float], images_per_s: float) -> None:
+        if not self.enabled:
+            return
+        print(f"epoch {epoch}/{self.epochs} step {step}/{self.steps}  loss {metrics['loss']:.3f} "
+              f"(loc {metrics['loss_loc']:.3f}, conf {metrics['loss_conf']:.3f})  lr {metrics['lr']:.5f}  "
+              f"{images_per_s:.0f} img/s  ETA {format_duration(self.eta(epoch, step))}", flush=True)
+
+    def epoch(self, epoch: int, metrics: dict[str, Any], seconds: float) -> None:
+        if not self.enabled:
+            return
+        line = (f"epoch {epoch}/{self.epochs} done in {seconds:.1f} s: loss {metrics['loss']:.3f} "
+                f"(loc {metrics['loss_loc']:.3f}, conf {metrics['loss_conf']:.3f})  "
+                f"{metrics['images_per_s']:.0f} img/s")
+        if metrics[SCORE] != NOT_EVALUATED:
+            line += f"  mAP {metrics[SCORE]:.4f}  AP50 {metrics['AP50']:.4f}"
+            if "VOC07_mAP" in metrics:
+                line += f"  VOC07 mAP {metrics['VOC07_mAP']:.4f}"
+        line += f"  (best mAP {metrics['best_mAP']:.4f})" if metrics["best_mAP"] != NOT_EVALUATED else ""
+        line += f"  ETA {format_duration(self.eta(epoch, self.steps))}"
+        print(line, flush=True)
+
+
+class StepProgress(HookBase):
+    """Every ``log_every`` steps (and at an epoch's last): the progress line and, with a tracker,
+    the step metrics with the global throughput since the last line."""
+
+    def __init__(self, progress: Progress, log_every: int, global_batch: int, tracker: Any | None) -> None:
+        self.progress, self.log_every, self.global_batch, self.tracker = progress, log_every, global_batch, tracker
+
+    def before_epoch(self) -> None:
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def after_step(self) -> None:
+        self.progress.steps_done += 1
+        self.window_steps += 1
+        step, metrics = self.loop.step, self.loop.step_metrics
+        if step % self.log_every == 0 or step == self.loop.steps_per_epoch:
+            rate = self.window_steps * self.global_batch / max(time.perf_counter() - self.window_start, 1e-9)
+            self.progress.step(self.loop.epoch_number, step, metrics, rate)
+            if self.tracker is not None:
+                self.tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}
+                                         | {"train/images_per_s": rate}, step=self.loop.runner.iteration)
+            self.window_start, self.window_steps = time.perf_counter(), 0
+
+
+class InjectedFailure(HookBase):
+    """Rank ``rank`` exits abruptly (``os._exit``) after step ``step`` of epoch ``epoch`` (1-based):
+    how the fault-tolerance tests kill a worker."""
+
+    def __init__(self, epoch: int, step: int, rank: int) -> None:
+        self.epoch, self.step, self.rank = epoch, step, rank
+
+    def after_step(self) -> None:
+        if (self.loop.epoch_number, self.loop.step, world()[0]) != (self.epoch, self.step, self.rank):
+            return
+        # Wait first: Ray Train's controller registers a reported checkpoint when it next
+        # polls the workers (every 2 s); a death before that loses the epoch's checkpoint.
+        time.sleep(3.0)
+        print(f"injected failure: rank {self.rank} exits at epoch {self.epoch} step {self.step}", flush=True)
+        os._exit(17)
+
+
+class EpochSummary(HookBase):
+    """The epoch's metrics: losses averaged over ranks, lr, global images/s, seconds."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def before_epoch(self) -> None:
+        self.start = time.perf_counter()
+
+    def after_epoch(self) -> None:
+        seconds = time.perf_counter() - self.start
+        means = self.loop.meter.means()
+        losses = mean_over_ranks({k: means[k] for k in ("loss", "loss_loc", "loss_conf")}, self.device)
+        self.loop.epoch_metrics.update(
+            {"epoch": self.loop.epoch_number, "step": self.loop.runner.iteration, **losses, "lr": means["lr"],
+             "images_per_s": means["images"] * world()[1] / max(seconds, 1e-9), "epoch_seconds": seconds,
+             SCORE: NOT_EVALUATED})
+
+
+class PeriodicEvaluation(HookBase):
+    """Validation every ``every`` epochs and after the last; ``best_mAP`` on every epoch.
+
+    ``validation`` is a ``ssd.training.Validation``: ``run(model)`` (every rank; results on rank
+    0) and ``sample(model, count)`` (a picture's worth of detections).
+    """
+
+    def __init__(self, validation: Any, every: int, best: float, progress: Progress, tracker: Any | None,
+                 sample_images: int) -> None:
+        self.validation, self.every, self.best = validation, every, best
+        self.progress, self.tracker, self.sample_images = progress, tracker, sample_images
+
+    def after_epoch(self) -> None:
+        epoch, metrics = self.loop.epoch_number, self.loop.epoch_metrics
+        if epoch % self.every == 0 or epoch == self.loop.epochs:
+            start = time.perf_counter()
+            model = unwrap(self.loop.runner.model)
+            results = self.validation.run(model)
+            if results is not None:  # rank 0
+                metrics.update(results.metrics)
+                sample = self.validation.sample(model, self.sample_images)
+                log_eval_artifacts(self.tracker, epoch, results, self.validation.classes, sample)
+            self.progress.eval_seconds += time.perf_counter() - start
+            self.best = max(self.best, metrics[SCORE])
+        metrics["best_mAP"] = self.best
+
+
+def log_eval_artifacts(tracker: Any, epoch: int, results: Any, classes: list[str], sample: tuple | None) -> None:
+    """Per-class AP table, PR curves and a detection grid into the run's ``eval/epoch-NNN``."""
+    from ssd.reporting import write_eval_report  # matplotlib: only when there is a tracker
+
+    if tracker is None or not tracker.active:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            paths = write_eval_report(Path(tmp), results.coco, classes, voc=results.voc, sample=sample)
+        except Exception as err:  # noqa: BLE001 - a failed picture must not stop training
+            print(f"warning: could not draw the evaluation report: {err}", file=sys.stderr, flush=True)
+            return
+        for path in paths:
+            tracker.log_artifact(path, f"eval/epoch-{epoch:03d}")
+
+
+class EpochLog(HookBase):
+    """The epoch's metrics to MLflow (``epoch/...``, unevaluated scores left out) and its line."""
+
+    def __init__(self, progress: Progress, tracker: Any | None) -> None:
+        self.progress, self.tracker = progress, tracker
+
+    def after_epoch(self) -> None:
+        metrics = self.loop.epoch_metrics
+        if self.tracker is not None:
+            self.tracker.log_metrics({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")
+                                      and not (k in (SCORE, "best_mAP") and v == NOT_EVALUATED)},
+                                     step=self.loop.epoch_number)
+        self.progress.epoch(self.loop.epoch_number, metrics, metrics["epoch_seconds"])
+
+
+class CheckpointReport(HookBase):
+    """Calls ``report(metrics, save)`` after every epoch on every rank; ``save`` (rank 0 only,
+    None elsewhere) writes the checkpoint (model, optimizer, schedule, metrics, ``extra``)."""
+
+    def __init__(self, report: ReportFn, cfg: Any, classes: list[str],
+                 optimizer: torch.optim.Optimizer, scheduler: Any, extra: dict[str, Any]) -> None:
+        self.report, self.cfg, self.classes = report, cfg, classes
+        self.optimizer, self.scheduler, self.extra = optimizer, scheduler, extra
+
+    def after_epoch(self) -> None:
+        metrics = self.loop.epoch_metrics
+        save = functools.partial(
+            save_checkpoint, model=self.loop.runner.model, epoch=self.loop.epoch_number, step=self.loop.runner.iteration,
+            config=self.cfg, classes=self.classes, optimizer=self.optimizer, scheduler=self.scheduler,
+            metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))}, extra=self.extra)
+        self.report(dict(metrics), save if world()[0] == 0 else None)

@@ -1,0 +1,83 @@
+"""The training loop with hooks, as detectron2's ``TrainerBase``: a short loop, every concern a hook.
+
+    loop = TrainLoop(step_runner, loader, hooks=[...])
+    loop.train(start_epoch=0, epochs=10)
+
+The loop runs epochs of steps and keeps the state hooks read (epoch, step, the last step's
+metrics, the epoch's running means); everything else (seeding, backbone freezing, progress
+lines, MLflow, evaluation, checkpoints, failure injection) is a :class:`HookBase` subclass in
+``ssd.train_hooks``, called in list order at each point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ssd.engine import Batch, MeanMeter, StepRunner
+
+
+class HookBase:
+    """A hook: override any of the six points. ``self.loop`` is set when the loop takes it."""
+
+    loop: TrainLoop
+
+    def before_train(self) -> None: ...
+
+    def before_epoch(self) -> None: ...
+
+    def before_step(self) -> None: ...
+
+    def after_step(self) -> None: ...
+
+    def after_epoch(self) -> None: ...
+
+    def after_train(self) -> None: ...
+
+
+class TrainLoop:
+    """Epochs of ``runner.step`` over ``loader`` with hooks around every epoch and step.
+
+    State for hooks: ``epoch`` (0-based), ``epoch_number`` (1-based), ``step`` (1-based within
+    the epoch), ``step_metrics`` (the last step's losses and lr), ``meter`` (the epoch's running
+    means), ``epoch_metrics`` (what ``after_epoch`` hooks fill in, in order), ``epochs``,
+    ``steps_per_epoch``.
+    """
+
+    def __init__(self, runner: StepRunner, loader: Iterable[Batch], hooks: Sequence[HookBase] = (),
+                 steps_per_epoch: int | None = None) -> None:
+        self.runner, self.loader = runner, loader
+        self.steps_per_epoch = steps_per_epoch if steps_per_epoch is not None else len(loader)  # type: ignore[arg-type]
+        self.hooks = list(hooks)
+        for hook in self.hooks:
+            hook.loop = self
+        self.epoch = self.step = 0
+        self.epochs = 0
+        self.step_metrics: dict[str, float] = {}
+        self.epoch_metrics: dict[str, Any] = {}
+        self.meter = MeanMeter()
+
+    @property
+    def epoch_number(self) -> int:
+        return self.epoch + 1
+
+    def _call(self, point: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, point)()
+
+    def train(self, start_epoch: int, epochs: int) -> dict[str, Any]:
+        """Run epochs ``start_epoch`` .. ``epochs - 1``; returns the last epoch's metrics."""
+        self.epochs = epochs
+        self._call("before_train")
+        for self.epoch in range(start_epoch, epochs):
+            self.epoch_metrics, self.meter, self.step = {}, MeanMeter(), 0
+            self._call("before_epoch")
+            for images, targets in self.loader:
+                self.step += 1
+                self._call("before_step")
+                self.step_metrics = self.runner.step(images, targets)
+                self.meter.add(self.step_metrics, images.shape[0])
+                self._call("after_step")
+            self._call("after_epoch")
+        self._call("after_train")
+        return self.epoch_metrics
