@@ -134,11 +134,11 @@ def targets_from_assignment(
     positive = assigned >= 0
     if gt_labels.shape[1] == 0:
         return gt_labels.new_zeros((batch, num_priors)), priors.new_zeros((batch, num_priors, 4))
-    index = assigned.clamp(min=0)
-    labels = torch.where(positive, gt_labels.gather(1, index), torch.zeros_like(index))
+    # Background (-1) reads a prepended label 0: one gather, no masking of the (B, P) result.
+    labels = torch.cat((gt_labels.new_zeros((batch, 1)), gt_labels), 1).gather(1, assigned + 1)
     # Encode only the positives (a few percent of B * P); the loss reads nothing else.
     image_idx, prior_idx = positive.nonzero(as_tuple=True)
-    matched_boxes = gt_boxes[image_idx, index[image_idx, prior_idx]]  # (N_pos, 4)
+    matched_boxes = gt_boxes[image_idx, assigned[image_idx, prior_idx]]  # (N_pos, 4)
     box_targets = priors.new_zeros((batch, num_priors, 4))
     box_targets[image_idx, prior_idx] = encode(matched_boxes.to(priors.dtype), priors[prior_idx], variances)
     return labels, box_targets
