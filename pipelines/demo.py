@@ -59,10 +59,11 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"start.sh did not leave a running Ray head and MLflow server in {state}")
     dashboard, mlflow_url = head.dashboard, server.tracking_uri
     summary_path = state / f"demo-summary-{os.getpid()}.json"
+    # train.batch_size: 16 per worker, the batch the demo's figures were measured with (it is global)
     command = ["python", "pipelines/train.py", "--config", "tiny", "--data", str(data),
                "--workers", str(args.workers), "--epochs", str(args.epochs), "--log-every", "48",
                "--mlflow-uri", mlflow_url, "--experiment", "ssd-demo", "--register-as", args.register_as,
-               "--summary-json", str(summary_path), *args.overrides]
+               "--summary-json", str(summary_path), f"train.batch_size={16 * args.workers}", *args.overrides]
     # what `ray job submit --working-dir . -- ...` does, with the head's token and a quiet console
     print("$ python pipelines/submit.py -- " + shlex.join(command), flush=True)
     try:

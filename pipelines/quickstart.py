@@ -30,7 +30,7 @@ from ssd.config import load_config
 from ssd.data.convert import default_data_home, ensure_synthetic_shards
 from ssd.data.shards import ShardSet
 from ssd.evaluation.service import evaluate_on_shards
-from ssd.models import build_model
+from ssd.models import build_model, resolve_backbone_weights
 from ssd.training import RunOptions, run_training
 
 
@@ -63,15 +63,20 @@ def main(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, [f"model.num_classes={train_set.num_classes}", f"train.epochs={args.epochs}",
                                     f"train.eval_every={args.epochs}", *args.overrides])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        backbone = resolve_backbone_weights(cfg)  # the presets' ImageNet backbone (none for tiny)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
 
     torch.manual_seed(cfg.train.seed)  # the initial weights run_training starts from
-    before = evaluate_on_shards(build_model(cfg), cfg, val_set, device, cfg.train.batch_size)["AP50"]
+    before = evaluate_on_shards(build_model(cfg, backbone=backbone), cfg, val_set, device, cfg.train.batch_size)["AP50"]
     losses: list[float] = []
     start = time.perf_counter()
     # The same loop as every Ray worker's (ssd.training), in this process: no Ray, no MLflow.
     metrics = run_training(cfg, RunOptions(str(args.data / "train"), str(args.data / "val"),
                                            loader_workers=args.workers, sample_images=0),
-                           device=device, report=lambda epoch, _save: losses.append(epoch["loss"]))
+                           device=device, report=lambda epoch, _save: losses.append(epoch["loss"]),
+                           backbone=backbone)
     print(f"trained in {time.perf_counter() - start:.0f} s; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"validation AP50: {before:.3f} before training -> {metrics['AP50']:.3f} after; "
           f"COCO AP {metrics['mAP']:.3f}")

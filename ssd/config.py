@@ -51,7 +51,11 @@ class ModelConfig:
     arch: str = "tiny"
     #: number of classes including background (label 0)
     num_classes: int = 21
-    #: local path or URL of backbone weights (a state dict); None trains from scratch
+    #: pretrained backbone weights (ssd.models.weights): "imagenet" (torchvision's published
+    #: weights for the arch, from $TORCH_HOME/hub/checkpoints, downloaded there when the network
+    #: answers), a local path, an http(s) URL or an s3:// URI of a state dict, or "none" / null
+    #: (train from scratch). Read by ssd.models.resolve_backbone_weights(cfg) on the driver;
+    #: build_model(cfg) itself never fetches "imagenet".
     backbone_weights: str | None = None
     #: channel multiplier of the MobileNet / tiny backbones
     width_mult: float = 1.0
@@ -64,6 +68,13 @@ class ModelConfig:
             backbone_weights=Maybe(Str()),
             width_mult=Num("> 0"),
         )
+        if self.backbone_weights == "imagenet":
+            from ssd.models.weights import published_weights
+
+            try:  # one line naming the arch when torchvision publishes no weights for it
+                published_weights(self.arch)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -85,19 +96,81 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
+    """Augmentation strength and the input normalisation.
+
+    The normalisation follows the backbone weights' input convention (``ssd.models.weights``):
+    ``rgb`` (torchvision's: RGB, ``(x / 255 - mean) / std`` with ImageNet's statistics) or
+    ``caffe_bgr`` (Caffe's: BGR, 0-255 pixels minus (104, 117, 123), std 1). ``mean`` / ``std``
+    are always RGB statistics in [0, 1] units (pixels are divided by 255 first), so Caffe's are
+    ``(123, 117, 104) / 255`` and ``1 / 255`` here; unset, they are the convention's (ImageNet's
+    when ``input_convention`` is null). With a convention set, an explicit ``mean`` / ``std``
+    that differs from it is an error naming both; null leaves them free (training from scratch),
+    and ``ssd.models.resolve_backbone_weights`` then checks them against the weights' (``rgb``).
+    """
+
     #: 0 = resize only, 1 = the paper's full policy
     strength: float = 1.0
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    #: "rgb", "caffe_bgr", or null (no weights-imposed convention: RGB order, free statistics)
+    input_convention: str | None = None
+    #: RGB means in [0, 1] units; None: the convention's
+    mean: tuple[float, float, float] | None = None
+    #: RGB standard deviations in [0, 1] units; None: the convention's
+    std: tuple[float, float, float] | None = None
+
+    #: the input conventions with their (mean, std) as RGB statistics in [0, 1] units
+    CONVENTIONS = (
+        ("rgb", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ("caffe_bgr", (123 / 255, 117 / 255, 104 / 255), (1 / 255, 1 / 255, 1 / 255)),
+    )
+
+    @classmethod
+    def convention_stats(cls, convention: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) of an input convention, RGB in [0, 1] units; KeyError if unknown."""
+        for name, mean, std in cls.CONVENTIONS:
+            if name == convention:
+                return mean, std
+        raise KeyError(convention)
 
     def __post_init__(self) -> None:
+        convention = self.input_convention
+        names = tuple(name for name, _, _ in self.CONVENTIONS)
+        if convention is not None and convention not in names:
+            raise ConfigError(
+                f"unknown augment.input_convention {convention!r}: must be null or one of "
+                + ", ".join(repr(c) for c in names)
+            )
+        stats = dict(zip(("mean", "std"), self.convention_stats(convention or "rgb")))
+        for name, default in stats.items():
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, default)
+            elif convention is not None and self._differs(value, default):
+                raise ConfigError(
+                    f"augment.{name}={list(value)} conflicts with augment.input_convention="
+                    f"{convention}, whose {name} is {[round(v, 6) for v in default]} (RGB, "
+                    f"[0, 1] units): drop augment.{name} to use the convention's, or set "
+                    f"augment.input_convention=null (free statistics, training from scratch)"
+                )
         check_fields(
             self, "augment", ConfigError,
             strength=Num("[0, 1]"),
+            input_convention=Maybe(OneOf(names)),
             # RGB statistics in [0, 1] units (ssd.transforms divides pixels by 255 first): the
             # ranges refuse 0-255 values such as Caffe's (104, 117, 123)
             mean=Seq(Num("[0, 1]"), length=3),
             std=Seq(Num("(0, 1]"), length=3),
+        )
+
+    @staticmethod
+    def _differs(value: Any, default: tuple[float, ...]) -> bool:
+        """True when ``value`` is 3 numbers other than ``default`` (malformed values are left
+        to the field checks)."""
+        try:
+            numbers = [float(v) for v in value]
+        except (TypeError, ValueError):
+            return False
+        return len(numbers) == len(default) and any(
+            abs(a - b) > 1e-6 * abs(b) for a, b in zip(numbers, default)
         )
 
 
@@ -105,21 +178,46 @@ class AugmentConfig:
 SCHEDULES = ("multistep", "cosine")
 
 
+#: ``optim.milestones`` when neither it nor ``optim.lr_steps`` is given
+DEFAULT_MILESTONES = (0.67, 0.89)
+
+
 @dataclass(frozen=True)
 class OptimConfig:
+    """SGD and the lr schedule; ``ssd.schedule.plan_schedule`` turns it into iterations.
+
+    LR drops (multistep) come from exactly one of ``lr_steps`` (absolute iterations, the
+    references' ``[80000, 100000]``) and ``milestones`` (fractions of the run's iterations); both
+    given is an error (``optim.milestones=null`` or ``[]`` clears the fractions). Neither given:
+    the default fractions ``DEFAULT_MILESTONES``.
+
+    Linear scaling (Goyal et al. 2017): ``reference_batch`` is the global batch ``lr`` is meant
+    for; a run whose ``train.batch_size`` differs uses ``lr * batch_size / reference_batch``,
+    after the same ``warmup_iters`` linear warm-up. None: ``lr`` is used as is, whatever the batch.
+    """
+
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    #: linear warm-up steps up to the (scaled) lr
     warmup_iters: int = 500
     #: "multistep" or "cosine"
     schedule: str = "multistep"
-    #: multistep milestones as fractions of the total training iterations
-    milestones: tuple[float, ...] = (0.67, 0.89)
+    #: multistep drops as fractions of the total training iterations (None: the default
+    #: fractions, or none when ``lr_steps`` is given)
+    milestones: tuple[float, ...] | None = None
+    #: multistep drops at these absolute iterations instead (e.g. [80000, 100000])
+    lr_steps: tuple[int, ...] | None = None
     gamma: float = 0.1
     #: max gradient norm; 0 disables clipping
     grad_clip: float = 0.0
+    #: the global batch ``lr`` is for (linear scaling rule); None: the run's own batch
+    reference_batch: int | None = None
 
     def __post_init__(self) -> None:
+        milestones_given = self.milestones is not None
+        if self.milestones is None:
+            object.__setattr__(self, "milestones", () if self.lr_steps is not None else DEFAULT_MILESTONES)
         check_fields(
             self, "optim", ConfigError,
             # 0 is allowed: a run that keeps its initial weights (tests/test_transfer.py checks
@@ -130,14 +228,46 @@ class OptimConfig:
             warmup_iters=Int(">= 0"),
             schedule=OneOf(SCHEDULES),
             milestones=Seq(Num("(0, 1)"), increasing=True),
+            lr_steps=Maybe(Seq(Int(">= 1"), increasing=True)),
             gamma=Num("(0, 1]"),  # the LR factor at each milestone: 1 keeps it constant
             grad_clip=Num(">= 0"),
+            reference_batch=Maybe(Int(">= 1")),
         )
+        if self.lr_steps is not None and milestones_given and self.milestones:
+            raise ConfigError(
+                f"optim.lr_steps={list(self.lr_steps)} and optim.milestones={list(self.milestones)} are both set; "
+                "the lr drops come from one of them: add optim.milestones=null to use lr_steps")
+        if self.lr_steps is not None and self.schedule != "multistep":
+            raise ConfigError(f"optim.lr_steps={list(self.lr_steps)} has no effect with optim.schedule="
+                              f"{self.schedule}: drop it or use optim.schedule=multistep")
+
+
+#: the run's length when neither ``train.epochs`` nor ``train.max_iters`` is given
+DEFAULT_EPOCHS = 10
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
+    """The batch, the run's length and its rhythm (``ssd.schedule.plan_schedule`` has the arithmetic).
+
+    ``batch_size`` is the GLOBAL batch: with W workers each takes ``batch_size / W`` images per
+    step (not divisible: an error naming both numbers), so one optimizer step sees
+    ``batch_size`` images whatever the number of workers.
+
+    The length is exactly one of ``max_iters`` (optimizer steps; training stops after exactly
+    that many, possibly mid-epoch, with a final evaluation and checkpoint) and ``epochs``, a
+    shorthand for ``epochs * floor(train samples / batch_size)`` steps (the same with 1 or N
+    workers). Both set is an error (``train.epochs=null`` clears the epochs of a preset);
+    neither: ``DEFAULT_EPOCHS`` epochs. Evaluation (``eval_every``), checkpoints and the frozen
+    backbone count passes over the data, which are epochs except when ``max_iters`` ends the
+    last one early (or when an uneven shard split makes a pass a few steps shorter).
+    """
+
+    #: the length in epochs (see above); None when ``max_iters`` gives it
+    epochs: int | None = None
+    #: the length in optimizer steps (the references: 120000); None when ``epochs`` gives it
+    max_iters: int | None = None
+    #: global batch: images per optimizer step, all workers together
     batch_size: int = 32
     seed: int = 0
     eval_every: int = 1
@@ -149,9 +279,13 @@ class TrainConfig:
     channels_last: bool = True
 
     def __post_init__(self) -> None:
+        if self.epochs is None and self.max_iters is None:
+            object.__setattr__(self, "epochs", DEFAULT_EPOCHS)
         check_fields(
             self, "train", ConfigError,
-            epochs=Int(">= 1"),
+            # null only when max_iters gives the length (keeps "an integer >= 1" in the message)
+            epochs=Int(">= 1") if self.epochs is not None else Maybe(Int(">= 1")),
+            max_iters=Maybe(Int(">= 1")),
             batch_size=Int(">= 1"),
             seed=Int("[0, 4294967295]"),  # 32 bits: what every seeding API accepts
             eval_every=Int(">= 1"),
@@ -159,6 +293,10 @@ class TrainConfig:
             freeze_backbone_epochs=Int(">= 0"),
             channels_last=Bool(),
         )
+        if self.epochs is not None and self.max_iters is not None:
+            raise ConfigError(
+                f"train.epochs={self.epochs} and train.max_iters={self.max_iters} are both set; exactly one defines "
+                "the run's length: add train.epochs=null to train for max_iters steps (or train.max_iters=null)")
 
 
 @dataclass(frozen=True)

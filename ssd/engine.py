@@ -21,6 +21,7 @@ from ssd.config import Config, OptimConfig
 from ssd.loss import MultiBoxLoss
 from ssd.matching import pad_targets
 from ssd.postprocess import PostprocessConfig
+from ssd.schedule import effective_warmup, lr_drop_iters
 from ssd.transforms import normalize
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]
@@ -39,26 +40,32 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     )
 
 
-def lr_factor(cfg: OptimConfig, iteration: int, total_iters: int) -> float:
-    """Multiplier of the base lr: linear warm-up, then multi-step decay or cosine to zero."""
-    warmup = min(cfg.warmup_iters, max(total_iters - 1, 0))
+def lr_factor(cfg: OptimConfig, iteration: int, total_iters: int, drops: tuple[int, ...] | None = None) -> float:
+    """Multiplier of the base lr at step ``iteration`` (0-based) of ``total_iters``: linear
+    warm-up, then multi-step decay (``gamma`` at each of ``ssd.schedule.lr_drop_iters``, or
+    ``drops`` when given) or cosine to zero. The linear-scaling factor is not in it
+    (:func:`build_scheduler` applies it)."""
+    warmup = effective_warmup(cfg, total_iters)
     if iteration < warmup:
         return (iteration + 1) / (warmup + 1)
     if cfg.schedule == "cosine":
         progress = (iteration - warmup) / max(total_iters - warmup, 1)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     if cfg.schedule == "multistep":
-        passed = sum(iteration >= m * total_iters for m in cfg.milestones)
-        return cfg.gamma**passed
+        drops = lr_drop_iters(cfg, total_iters) if drops is None else drops
+        return cfg.gamma ** sum(iteration >= d for d in drops)
     raise ValueError(f"optim.schedule must be 'multistep' or 'cosine', got {cfg.schedule!r}")
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_iters: int
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_iters: int, lr_scale: float = 1.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration schedule (call ``step()`` after every optimizer step)."""
+    """Per-iteration schedule (call ``step()`` after every optimizer step): the optimizer's lr
+    times ``lr_scale`` (the linear scaling rule, ``ssd.schedule.SchedulePlan.lr_scale``) times
+    :func:`lr_factor`."""
+    drops = lr_drop_iters(cfg, total_iters)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(cfg, it, total_iters)
+        optimizer, lambda it: lr_scale * lr_factor(cfg, it, total_iters, drops)
     )
 
 
@@ -68,11 +75,12 @@ def network_input(
     """A loader batch (B, 3, S, S) -> the model's input on ``device``.
 
     uint8 batches (``build_transform(normalize=False)``) are moved as bytes and normalised on the
-    device with ``cfg.augment``'s mean and std; float batches are taken as already normalised.
+    device with ``cfg.augment``'s mean, std and input convention (BGR for ``caffe_bgr``); float
+    batches are taken as already normalised.
     """
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
-        images = normalize(images, cfg.augment.mean, cfg.augment.std)
+        images = normalize(images, cfg.augment.mean, cfg.augment.std, cfg.augment.input_convention)
     return images.contiguous(memory_format=memory_format)
 
 

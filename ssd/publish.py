@@ -255,6 +255,30 @@ def _ui_address(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
 
 
+def run_params(request: TrainRequest, resolved: ResolvedTrain, scaling: Scaling) -> dict[str, Any]:
+    """A training run's MLflow params: the flat config, data, Ray scaling, and ``schedule.*``,
+    the batch / length / lr plan that every rank follows (``ssd.schedule.plan_schedule``:
+    ``schedule.per_worker_batch``, ``schedule.iterations``, ``schedule.lr_effective``, ...)."""
+    from ssd.schedule import plan_schedule
+
+    cfg, train_set, val_set = resolved.cfg, resolved.train_set, resolved.val_set
+    plan = plan_schedule(cfg, train_set.num_samples, scaling.num_workers)
+    return cfg.flat() | {
+        "data.train": resolved.train_spec, "data.val": resolved.val_spec,
+        "data.train_samples": train_set.num_samples, "data.val_samples": val_set.num_samples,
+        "ray.workers": scaling.num_workers, "ray.use_gpu": scaling.use_gpu,
+        "ray.cpus_per_worker": scaling.cpus_per_worker, "amp": request.amp,
+    } | plan.params() | _backbone_params(resolved.backbone)
+
+
+def _backbone_params(backbone: Any) -> dict[str, Any]:
+    """Where a fresh run's pretrained backbone came from (``ssd.models.BackboneWeights``)."""
+    if backbone is None:
+        return {}
+    return {"backbone.source": backbone.source, "backbone.sha256": backbone.sha256,
+            "backbone.input_convention": backbone.input_convention}
+
+
 def start_tracking(request: TrainRequest, resolved: ResolvedTrain, scaling: Scaling) -> Tracker | None:
     """The run's MLflow run (created here, or the resumed run's), with params, tags and inputs;
     None with ``no_mlflow``. An unreachable MLflow gives a tracker that is off (it warned)."""
@@ -282,12 +306,7 @@ def start_tracking(request: TrainRequest, resolved: ResolvedTrain, scaling: Scal
     if commit := _git_commit():
         tags["mlflow.source.git.commit"] = commit
     tracker = Tracker(uri, request.experiment, resolved.name, tags=tags, parent_run_id=request.parent_run_id)
-    tracker.log_params(cfg.flat() | {
-        "data.train": resolved.train_spec, "data.val": resolved.val_spec,
-        "data.train_samples": train_set.num_samples, "data.val_samples": val_set.num_samples,
-        "ray.workers": scaling.num_workers, "ray.use_gpu": scaling.use_gpu,
-        "ray.cpus_per_worker": scaling.cpus_per_worker, "amp": request.amp,
-    })
+    tracker.log_params(run_params(request, resolved, scaling))
     from ssd.data.shards import DATASET_JSON
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -132,10 +132,14 @@ class BackboneFreeze(HookBase):
 
 
 class Progress:
-    """Rank 0's console lines: step progress with throughput and ETA, epoch summaries."""
+    """Rank 0's console lines: step progress with throughput and ETA, epoch summaries.
 
-    def __init__(self, epochs: int, steps_per_epoch: int, enabled: bool) -> None:
+    ``total_iters``: the run's optimizer steps (``ssd.schedule.SchedulePlan.iterations``); None:
+    ``epochs`` full epochs of ``steps_per_epoch``."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, enabled: bool, total_iters: int | None = None) -> None:
         self.epochs, self.steps = epochs, steps_per_epoch
+        self.total_iters = total_iters if total_iters is not None else epochs * steps_per_epoch
         self.enabled = enabled
         self.start = time.perf_counter()
         self.steps_done = 0  # in this process (a resumed run's ETA uses its own pace)
@@ -145,7 +149,8 @@ class Progress:
         """Seconds left: remaining steps at this process's mean step time, evaluation included."""
         elapsed = time.perf_counter() - self.start - self.eval_seconds
         per_step = elapsed / max(self.steps_done, 1)
-        remaining = (self.epochs - epoch) * self.steps + (self.steps - step)
+        # every epoch before the current one was a full one
+        remaining = max(self.total_iters - (epoch - 1) * self.steps - step, 0)
         evals_per_step = self.eval_seconds / max(self.steps_done, 1)
         return remaining * (per_step + evals_per_step)
 
@@ -185,7 +190,7 @@ class StepProgress(HookBase):
         self.progress.steps_done += 1
         self.window_steps += 1
         step, metrics = self.loop.step, self.loop.step_metrics
-        if step % self.log_every == 0 or step == self.loop.steps_per_epoch:
+        if step % self.log_every == 0 or step == self.loop.epoch_steps:
             rate = self.window_steps * self.global_batch / max(time.perf_counter() - self.window_start, 1e-9)
             self.progress.step(self.loop.epoch_number, step, metrics, rate)
             if self.tracker is not None:
@@ -231,7 +236,8 @@ class EpochSummary(HookBase):
 
 
 class PeriodicEvaluation(HookBase):
-    """Validation every ``every`` epochs and after the last; ``best_mAP`` on every epoch.
+    """Validation every ``every`` epochs and after the last (also one that ``max_iters`` cuts
+    short); ``best_mAP`` on every epoch.
 
     ``validation`` is a ``ssd.training.Validation``: ``run(model)`` (every rank; results on rank
     0) and ``sample(model, count)`` (a picture's worth of detections).
@@ -244,7 +250,7 @@ class PeriodicEvaluation(HookBase):
 
     def after_epoch(self) -> None:
         epoch, metrics = self.loop.epoch_number, self.loop.epoch_metrics
-        if epoch % self.every == 0 or epoch == self.loop.epochs:
+        if epoch % self.every == 0 or self.loop.last_epoch:
             start = time.perf_counter()
             model = unwrap(self.loop.runner.model)
             results = self.validation.run(model)

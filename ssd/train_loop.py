@@ -1,7 +1,8 @@
 """The training loop with hooks, as detectron2's ``TrainerBase``: a short loop, every concern a hook.
 
     loop = TrainLoop(step_runner, loader, hooks=[...])
-    loop.train(start_epoch=0, epochs=10)
+    loop.train(start_epoch=0, epochs=10)                 # 10 passes over the loader
+    loop.train(start_epoch=0, epochs=4, max_iters=100)   # ... ending after optimizer step 100
 
 The loop runs epochs of steps and keeps the state hooks read (epoch, step, the last step's
 metrics, the epoch's running means); everything else (seeding, backbone freezing, progress
@@ -41,7 +42,8 @@ class TrainLoop:
     State for hooks: ``epoch`` (0-based), ``epoch_number`` (1-based), ``step`` (1-based within
     the epoch), ``step_metrics`` (the last step's losses and lr), ``meter`` (the epoch's running
     means), ``epoch_metrics`` (what ``after_epoch`` hooks fill in, in order), ``epochs``,
-    ``steps_per_epoch``.
+    ``steps_per_epoch`` (of a full pass), ``epoch_steps`` (of this epoch: fewer in a last epoch
+    that ``max_iters`` cuts short), ``max_iters``.
     """
 
     def __init__(self, runner: StepRunner, loader: Iterable[Batch], hooks: Sequence[HookBase] = (),
@@ -52,7 +54,8 @@ class TrainLoop:
         for hook in self.hooks:
             hook.loop = self
         self.epoch = self.step = 0
-        self.epochs = 0
+        self.epochs = self.epoch_steps = 0
+        self.max_iters: int | None = None
         self.step_metrics: dict[str, float] = {}
         self.epoch_metrics: dict[str, Any] = {}
         self.meter = MeanMeter()
@@ -61,15 +64,29 @@ class TrainLoop:
     def epoch_number(self) -> int:
         return self.epoch + 1
 
+    @property
+    def last_epoch(self) -> bool:
+        """Whether the current epoch is the run's last (the last of ``epochs``, or the one in
+        which the runner reaches ``max_iters``)."""
+        return self.epoch_number >= self.epochs or (
+            self.max_iters is not None and self.runner.iteration + self.epoch_steps - self.step >= self.max_iters)
+
     def _call(self, point: str) -> None:
         for hook in self.hooks:
             getattr(hook, point)()
 
-    def train(self, start_epoch: int, epochs: int) -> dict[str, Any]:
-        """Run epochs ``start_epoch`` .. ``epochs - 1``; returns the last epoch's metrics."""
-        self.epochs = epochs
+    def train(self, start_epoch: int, epochs: int, max_iters: int | None = None) -> dict[str, Any]:
+        """Run epochs ``start_epoch`` .. ``epochs - 1``; with ``max_iters``, stop as soon as the
+        runner has made that many optimizer steps (``runner.iteration``), possibly mid-epoch:
+        that epoch's ``after_epoch`` hooks still run, and it is the last. Returns the last
+        epoch's metrics."""
+        self.epochs, self.max_iters = epochs, max_iters
         self._call("before_train")
         for self.epoch in range(start_epoch, epochs):
+            left = None if max_iters is None else max_iters - self.runner.iteration
+            if left is not None and left <= 0:
+                break
+            self.epoch_steps = self.steps_per_epoch if left is None else min(self.steps_per_epoch, left)
             self.epoch_metrics, self.meter, self.step = {}, MeanMeter(), 0
             self._call("before_epoch")
             for images, targets in self.loader:
@@ -78,6 +95,8 @@ class TrainLoop:
                 self.step_metrics = self.runner.step(images, targets)
                 self.meter.add(self.step_metrics, images.shape[0])
                 self._call("after_step")
+                if self.step >= self.epoch_steps < self.steps_per_epoch:  # max_iters reached mid-epoch
+                    break
             self._call("after_epoch")
         self._call("after_train")
         return self.epoch_metrics

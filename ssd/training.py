@@ -3,6 +3,13 @@
 epoch, progress on the console and metrics to MLflow (rank 0); each concern is a hook in
 ``ssd.train_hooks``.
 
+Batch and length come from ``ssd.schedule.plan_schedule`` (the driver computes the same plan):
+``train.batch_size`` is the global batch, each rank loading ``batch_size / world size`` images a
+step; the run makes exactly ``plan.iterations`` optimizer steps (``train.max_iters``, or
+``train.epochs`` converted with the global batch), the last epoch cut short when they end
+mid-epoch; the lr follows ``plan.lr_effective`` (linear scaling) and ``plan.lr_drops``. Rank 0
+prints the plan as a "recipe" block before the first step.
+
 Plain PyTorch. When ``torch.distributed`` is initialised (Ray Train's ``TorchTrainer`` does that;
 ``ssd/distributed/`` wires it) the model is wrapped in DDP, each rank reads its own split of the
 shards, and evaluation states are gathered on rank 0, which computes pycocotools AP (and VOC07
@@ -21,6 +28,7 @@ would have.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +43,8 @@ from ssd.data.streaming import ShardLoader, ShardStream
 from ssd.engine import StepRunner, build_optimizer, build_scheduler
 from ssd.evaluation.inference import BatchPredictor
 from ssd.evaluation.service import eval_loader, evaluate_on_shards, flat_metrics
-from ssd.models import build_model
+from ssd.models import BackboneWeights, build_model
+from ssd.schedule import SchedulePlan, plan_schedule
 from ssd.train_hooks import (  # noqa: F401 - SCORE, NOT_EVALUATED, epoch_seed, format_duration: re-exported
     NOT_EVALUATED,
     SCORE,
@@ -202,8 +211,10 @@ def run_training(
     resume: Checkpoint | None = None,
     tracker: Any | None = None,
     init_state: dict[str, Tensor] | None = None,
+    backbone: BackboneWeights | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg.train.epochs`` epochs (from ``resume.epoch`` when resuming) on this rank.
+    """Train the run's ``plan_schedule(cfg, ...).iterations`` optimizer steps on this rank (from
+    ``resume.step`` when resuming, in epochs counted from ``resume.epoch``).
 
     Args:
         cfg: the resolved config; ``model.num_classes`` must match the shards' classes + 1.
@@ -215,6 +226,8 @@ def run_training(
         tracker: an ``ssd.tracking.Tracker`` (rank 0; None or disabled elsewhere).
         init_state: initial weights of a fresh run (a finetune's transferred weights,
             ``ssd.transfer.initial_state``); ignored when resuming, whose checkpoint has its own.
+        backbone: pretrained backbone weights of a fresh run (``ssd.models.resolve_backbone_weights``,
+            resolved once by the driver); ignored when resuming.
     Returns:
         The last epoch's metrics (rank 0's view; evaluation metrics are NaN on other ranks).
     """
@@ -223,14 +236,16 @@ def run_training(
     failure = _parse_failure(options.inject_failure)
     with errors_are_permanent("before the first step"):
         train_set, val_set = _open_data(cfg, options, rank)
-        epochs = cfg.train.epochs
-        if resume is not None and resume.epoch > epochs:
-            raise ValueError(f"the checkpoint is at epoch {resume.epoch}, past train.epochs={epochs}")
+        plan = plan_schedule(cfg, train_set.num_samples, world_size)  # ScheduleError is a ValueError
+        if resume is not None and resume.step > plan.iterations:
+            raise ValueError(f"the checkpoint is at epoch {resume.epoch} (iteration {resume.step}), past the "
+                             f"run's {plan.iterations} iterations ({_length_words(cfg, plan)})")
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         amp_dtype = amp_dtype_for(options.amp, device)
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        model = build_model(cfg)
+        # the pretrained backbone (resolved once on the driver); a resumed run has every weight
+        model = build_model(cfg, backbone=backbone if resume is None else None)
         if init_state is not None and resume is None:
             model.load_state_dict(init_state)
         model = model.to(device=device, memory_format=memory_format)
@@ -244,12 +259,12 @@ def run_training(
                                    normalize=False)
         train_loader = ShardLoader(
             ShardStream(train_set, train_tf, train=True, rank=rank, world_size=world_size, seed=cfg.train.seed),
-            cfg.train.batch_size, num_workers=options.loader_workers, pin_memory=device.type == "cuda")
+            plan.per_worker_batch, num_workers=options.loader_workers, pin_memory=device.type == "cuda")
         steps_per_epoch = len(train_loader)
         if steps_per_epoch == 0:
             raise ValueError(f"{options.train_data}: {train_set.num_samples} training samples over {world_size} "
-                             f"ranks do not fill one batch of {cfg.train.batch_size} per rank")
-        scheduler = build_scheduler(optimizer, cfg.optim, epochs * steps_per_epoch)
+                             f"ranks do not fill one batch of {plan.per_worker_batch} per rank")
+        scheduler = build_scheduler(optimizer, cfg.optim, plan.iterations, plan.lr_scale)
         runner = StepRunner(model, cfg, optimizer, scheduler, device, amp_dtype)
         runner.frozen = freeze.frozen_module()
 
@@ -258,20 +273,28 @@ def run_training(
         restore(resume, model, optimizer, scheduler)
         runner.iteration = resume.step
         best = resume.metrics.get("best_mAP", NOT_EVALUATED)
+    # epochs are passes of steps_per_epoch steps (the plan's iterations per epoch, or a few fewer
+    # when the shard split cannot fill them on every rank); the last may be cut short
+    epochs = start_epoch + math.ceil((plan.iterations - runner.iteration) / steps_per_epoch)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"{cfg.model.arch}: {params / 1e6:.2f} M parameters, {cfg.priors.num_priors()} priors; "
               f"{train_set.num_samples} training images in {len(train_set.urls)} shards, {world_size} rank(s) x "
-              f"{steps_per_epoch} steps of {cfg.train.batch_size} per epoch; {val_set.num_samples} validation "
+              f"{steps_per_epoch} steps of {plan.per_worker_batch} per epoch; {val_set.num_samples} validation "
               f"images; device {device}, AMP {amp_dtype or 'off'}"
               + (f"; resumed from epoch {start_epoch} (step {resume.step})" if resume is not None else ""),
               flush=True)
+        print(plan.recipe(steps_per_epoch), flush=True)
+        if backbone is not None and resume is None:
+            print(f"  weights   {backbone.source}, sha256 {backbone.sha256[:16]}, input {backbone.input_convention}",
+                  flush=True)
 
-    progress = Progress(epochs, steps_per_epoch, enabled=rank == 0)
+    progress = Progress(epochs, steps_per_epoch, enabled=rank == 0,
+                        total_iters=start_epoch * steps_per_epoch + plan.iterations - runner.iteration)
     hooks: list[HookBase] = [
         EpochSeed(cfg.train.seed, rank),
         freeze,
-        StepProgress(progress, options.log_every, cfg.train.batch_size * world_size, tracker),
+        StepProgress(progress, options.log_every, plan.global_batch, tracker),
     ]
     if failure is not None and resume is None:  # injected once: a resumed run does not fail again
         hooks.append(InjectedFailure(*failure))
@@ -285,4 +308,10 @@ def run_training(
         extra = {"mlflow_run_id": options.mlflow_run_id, "world_size": world_size,
                  "train_data": options.train_data, "val_data": options.val_data}
         hooks.append(CheckpointReport(report, cfg, list(train_set.classes), optimizer, scheduler, extra))
-    return TrainLoop(runner, train_loader, hooks, steps_per_epoch).train(start_epoch, epochs)
+    return TrainLoop(runner, train_loader, hooks, steps_per_epoch).train(start_epoch, epochs, plan.iterations)
+
+
+def _length_words(cfg: Config, plan: SchedulePlan) -> str:
+    if plan.length_from == "train.max_iters":
+        return f"train.max_iters={cfg.train.max_iters}"
+    return f"train.epochs={cfg.train.epochs} of {plan.iters_per_epoch} iterations"

@@ -550,10 +550,23 @@ class ToRelativeBoxes:
         return "ToRelativeBoxes()"
 
 
+#: input conventions (``AugmentConfig.input_convention``) whose network input is BGR
+BGR_CONVENTIONS = frozenset({"caffe_bgr"})
+_CONVENTIONS = (None, "rgb", "caffe_bgr")
+
+
 def normalize(
-    images: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    images: Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    input_convention: str | None = None,
 ) -> Tensor:
-    """uint8 (..., 3, H, W) -> float32 ``(x / 255 - mean) / std`` on the images' device.
+    """uint8 RGB (..., 3, H, W) -> float32 ``(x / 255 - mean) / std`` on the images' device.
+
+    ``mean`` / ``std`` are RGB statistics in [0, 1] units whatever the convention. For
+    ``input_convention="caffe_bgr"`` the channels are then reversed to BGR: with Caffe's
+    statistics (``AugmentConfig.CONVENTIONS``) that is ``x_bgr - (104, 117, 123)`` in 0-255
+    units. ``rgb`` or None: RGB order.
 
     Works on one image or a batch. The trainer calls it on the device when a loader hands over
     uint8 batches (``build_transform(normalize=False)``): 4x less data to move from loader
@@ -561,28 +574,45 @@ def normalize(
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 images, got {images.dtype}")
+    if input_convention not in _CONVENTIONS:
+        raise ValueError(f"unknown input convention {input_convention!r}: {_CONVENTIONS}")
     # Folded into one subtract and one multiply in 0..255 units.
     shift = torch.tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255
     scale = 1 / (torch.tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255)
+    if input_convention in BGR_CONVENTIONS:
+        # Statistics computed in float64 so that Caffe's (123, 117, 104) / 255 and 1 / 255 give
+        # exactly 123, 117, 104 and 1 in 0..255 units; flipped with the channels.
+        shift = (torch.tensor(mean, dtype=torch.float64) * 255).to(torch.float32).flip(0)
+        scale = (1 / (torch.tensor(std, dtype=torch.float64) * 255)).to(torch.float32).flip(0)
+        shift, scale = shift.view(3, 1, 1).to(images.device), scale.view(3, 1, 1).to(images.device)
+        images = images.flip(-3)
     return images.to(torch.float32).sub_(shift).mul_(scale)
 
 
 class Normalize:
-    """uint8 (3, H, W) -> float32 ``(x / 255 - mean) / std``; mean and std in [0, 1] units."""
+    """uint8 (3, H, W) -> float32 ``(x / 255 - mean) / std``; mean and std in [0, 1] units of
+    RGB; BGR channel order out for ``input_convention="caffe_bgr"`` (see :func:`normalize`)."""
 
     def __init__(
-        self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+        self,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        input_convention: str | None = None,
     ) -> None:
+        if input_convention not in _CONVENTIONS:
+            raise ValueError(f"unknown input convention {input_convention!r}: {_CONVENTIONS}")
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.input_convention = input_convention
 
     def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
         if image.dtype != torch.uint8:
             raise TypeError(f"Normalize expects a uint8 image, got {image.dtype}")
-        return normalize(image, self.mean, self.std), target
+        return normalize(image, self.mean, self.std, self.input_convention), target
 
     def __repr__(self) -> str:
-        return f"Normalize(mean={self.mean}, std={self.std})"
+        convention = f", input_convention={self.input_convention!r}" if self.input_convention else ""
+        return f"Normalize(mean={self.mean}, std={self.std}{convention})"
 
 
 class Compose:
@@ -608,6 +638,7 @@ def build_transform(
     train: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    input_convention: str | None = None,
     *,
     generator: torch.Generator | None = None,
     min_size: float = 1.0,
@@ -623,6 +654,8 @@ def build_transform(
         strength: 0..1, see the module docstring; ignored when ``train`` is False. At 0 the
             output equals the eval transform's bit for bit.
         mean, std: per-channel RGB statistics in [0, 1] units; the mean is also the zoom-out fill.
+        input_convention: the backbone weights' (``AugmentConfig.input_convention``):
+            ``caffe_bgr`` makes :class:`Normalize` output BGR; ``rgb`` / None: RGB.
         generator: shared by all random steps (None: torch's global RNG, right for DataLoader
             workers).
         min_size: boxes narrower or shorter than this many output pixels are dropped (in both
@@ -636,7 +669,7 @@ def build_transform(
     """
     finish: list[TransformFn] = [Resize(size), SanitizeBoxes(min_size), ToRelativeBoxes()]
     if normalize:
-        finish.append(Normalize(mean, std))
+        finish.append(Normalize(mean, std, input_convention))
     if not train:
         return Compose(finish)
     strength = _check_strength(strength)

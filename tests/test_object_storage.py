@@ -115,7 +115,7 @@ def test_a_run_on_s3_resumes_by_name_with_its_data_config_and_mlflow_run(s3_shar
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = _run("train.py", ["--data", prefix, "--storage-path", runs, "--name", "r", "--epochs", "1",
                               "--workers", "2", "--address", "local", "--mlflow-uri", tracking,
-                              "--summary-json", str(tmp_path / "first.json"), "train.batch_size=8",
+                              "--summary-json", str(tmp_path / "first.json"), "train.batch_size=16",
                               "optim.warmup_iters=2"], tmp_path, s3_server.env)
     assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
     summary = json.loads((tmp_path / "first.json").read_text())
@@ -135,7 +135,7 @@ def test_a_run_on_s3_resumes_by_name_with_its_data_config_and_mlflow_run(s3_shar
     assert resumed["mlflow_run_id"] == summary["mlflow_run_id"]
     meta = json.loads(s3_server.client.get_object(Bucket=s3_server.bucket,
                                                   Key="runs/r/checkpoint-epoch-0002/meta.json")["Body"].read())
-    assert meta["epoch"] == 2 and meta["step"] == 2 * 3  # 48 images / 2 ranks / batch 8 = 3 steps
+    assert meta["epoch"] == 2 and meta["step"] == 2 * 3  # 48 images / global batch 16 (8 per rank) = 3 steps
     assert meta["extra"]["train_data"] == f"{prefix}/train"
     history = mlflow.MlflowClient(tracking).get_metric_history(summary["mlflow_run_id"], "epoch/mAP")
     assert sorted(m.step for m in history) == [1, 2]

@@ -36,7 +36,7 @@ def test_submitted_training_job_is_tracked_and_registered(services, tmp_path):
          "python", "pipelines/train.py", "--config", "tiny", "--data", str(data), "--workers", "2",
          "--epochs", str(EPOCHS), "--mlflow-uri", services["mlflow"], "--experiment", "ssd-job-test",
          "--register-as", "ssd-job-test", "--storage-path", str(tmp_path / "runs"), "--log-every", "1000",
-         "--summary-json", str(summary_path), "train.batch_size=8", "train.eval_every=2", "optim.warmup_iters=50"],
+         "--summary-json", str(summary_path), "train.batch_size=16", "train.eval_every=2", "optim.warmup_iters=50"],
         env=services["env"], capture_output=True, text=True, timeout=540, check=False)
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-5000:]
@@ -57,7 +57,7 @@ def test_submitted_training_job_is_tracked_and_registered(services, tmp_path):
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["optim.lr"] == "0.05" and params["train.batch_size"] == "8" and params["ray.workers"] == "2"
+    assert params["optim.lr"] == "0.05" and params["train.batch_size"] == "16" and params["ray.workers"] == "2"
     assert params["data.train"] == str(data / "train")
     train_info = json.loads((data / "train" / "dataset.json").read_text())
     assert run.data.tags["data_hash"] == train_info["content_hash"]

@@ -161,7 +161,7 @@ def test_worker_death_resumes_from_checkpoint_and_resume_continues(shards, tmp_p
     # MLflow unreachable (nothing listens on port 9): the run must warn and train on regardless
     common = ["--data", str(shards), "--workers", "2", "--address", "local", "--mlflow-uri", "http://127.0.0.1:9",
               "--log-every", "1",
-              "--storage-path", str(storage), "train.batch_size=8", "train.eval_every=2"]
+              "--storage-path", str(storage), "train.batch_size=16", "train.eval_every=2"]  # 8 per worker
     out = _train([*common, "--name", "faulty", "--epochs", "3", "--inject-failure", "2:3:1",
                   "--summary-json", str(tmp_path / "summary.json")], tmp_path, timeout=420)
     log = out.stdout + out.stderr
@@ -179,7 +179,7 @@ def test_worker_death_resumes_from_checkpoint_and_resume_continues(shards, tmp_p
     assert before == after
     summary = json.loads((tmp_path / "summary.json").read_text())
     last = load_checkpoint(summary["last_checkpoint"])
-    assert last.epoch == 3 and last.step == 3 * 4  # 64 images / 2 ranks / batch 8 = 4 steps
+    assert last.epoch == 3 and last.step == 3 * 4  # 64 images / global batch 16 = 4 steps
 
     # --resume NAME continues the stopped run where it stopped: only the new epoch trains
     again = _train([*common, "--resume", "faulty", "--epochs", "4", "--summary-json",

@@ -99,7 +99,8 @@ def test_wrong_number_of_classes_is_refused(shards):
 def test_checkpoint_past_the_last_epoch_is_refused(shards, tmp_path):
     recorder = _Recorder(tmp_path)
     run_training(_cfg(2), _options(shards), report=recorder)
-    with pytest.raises(ValueError, match="the checkpoint is at epoch 2, past train.epochs=1"):
+    with pytest.raises(ValueError, match=r"the checkpoint is at epoch 2 \(iteration 12\), past the run's 6 "
+                                         r"iterations \(train.epochs=1 of 6 iterations\)"):
         run_training(_cfg(1), _options(shards), resume=load_checkpoint(recorder.saved[-1]))
 
 

@@ -29,6 +29,7 @@ from ssd.transforms import (
     crop,
     expand,
     hflip,
+    normalize,
     photometric_distort,
     resize,
 )
@@ -351,6 +352,28 @@ def test_to_relative_and_normalize():
     reference = F.normalize(as_float, list(IMAGENET_MEAN), list(IMAGENET_STD))
     assert normalised.dtype == torch.float32
     assert torch.allclose(normalised, reference, atol=1e-5)
+
+
+def test_caffe_bgr_normalisation_is_bgr_minus_the_caffe_mean():
+    """ssd.pytorch's reduced-fc VGG16: BGR order, 0-255 pixels minus (104, 117, 123), std 1."""
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 7, 7), dtype=torch.uint8)
+    config = AugmentConfig(input_convention="caffe_bgr")
+    assert config.mean == pytest.approx((123 / 255, 117 / 255, 104 / 255))
+    want = image.flip(0).float() - torch.tensor([104.0, 117.0, 123.0]).view(3, 1, 1)
+    normalised, _ = Normalize(config.mean, config.std, config.input_convention)(image, {})
+    assert torch.equal(normalised, want)
+    batch = torch.stack([image, image.flip(2)])
+    assert torch.equal(normalize(batch, config.mean, config.std, "caffe_bgr")[0], want)
+    # the preset takes the convention like the other AugmentConfig keys
+    transform = build_transform(7, train=False, min_size=0.0, **dataclasses.asdict(config))
+    assert torch.equal(transform(image, make_target([[0, 0, 4, 4]]))[0], want)
+    # rgb and null: RGB order, as before
+    for convention in ("rgb", None):
+        rgb = normalize(image, IMAGENET_MEAN, IMAGENET_STD, convention)
+        assert torch.equal(rgb, normalize(image, IMAGENET_MEAN, IMAGENET_STD))
+    with pytest.raises(ValueError, match="unknown input convention 'bgr'"):
+        normalize(image, input_convention="bgr")
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 from ssd import storage
 from ssd.jobs.common import JobError, JobInterrupted
 from ssd.jobs.sweep import SETUP_FILE, ResolvedSweep, SweepRequest, prescreen_boxes, resolve_sweep
+from ssd.jobs.train import resolve_backbone
 from ssd.search_space import trial_config
 
 
@@ -65,8 +66,10 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
     space = resolved.search_space()
     searched = list(space.params)
     epochs = base.train.epochs
+    backbone = resolve_backbone(base)  # once, before Ray: every trial of the base model shares it
     scaling = _connect(resolved, request.address)
 
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -108,7 +111,8 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
     setup = SweepSetup(base_config=resolved.base, options=run_options, scaling=scaling,
                        storage_path=resolved.storage, sweep_name=resolved.name,
                        tracking_uri=tracker.uri if parent_id else None, experiment=options.experiment,
-                       parent_run_id=parent_id, min_prior_recall=options.min_prior_recall, prescreen_gt=gt)
+                       parent_run_id=parent_id, min_prior_recall=options.min_prior_recall, prescreen_gt=gt,
+                       backbone=ray.put(backbone) if backbone is not None else None)
     trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup), DRIVER_RESOURCES)
     if options.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=options.grace_period,

@@ -91,7 +91,8 @@ def run_train_job(request: TrainRequest) -> dict[str, Any]:
 
     trainer = build_torch_trainer(resolved.cfg, options, scaling, name=resolved.name, storage_path=resolved.storage,
                                   max_failures=request.max_failures, keep_checkpoints=request.keep_checkpoints,
-                                  resume_from=resolved.resume_from, init_state=resolved.init_state)
+                                  resume_from=resolved.resume_from, init_state=resolved.init_state,
+                                  backbone=resolved.backbone)
     start = time.perf_counter()
     try:
         result = trainer.fit()

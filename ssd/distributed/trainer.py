@@ -30,6 +30,7 @@ from ssd.distributed.console import quiet_train_console
 from ssd.distributed.failures import SSDTorchTrainer
 from ssd.distributed.ray_internals import placement_group, train_report_logger
 from ssd.jobs.common import CHECKPOINT_PREFIX, checkpoint_summary, latest_checkpoint  # noqa: F401 - re-exported
+from ssd.models import BackboneWeights
 from ssd.tracking import Tracker
 from ssd.training import SCORE, RunOptions, errors_are_permanent, run_training
 
@@ -83,7 +84,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     init_state = None
     if resume is None and loop_config.get("init_state") is not None:
         init_state = ray.get(loop_config["init_state"])  # the driver's transferred weights
-    run_training(cfg, options, device=device, report=report, resume=resume, tracker=tracker, init_state=init_state)
+    backbone = None
+    if resume is None and loop_config.get("backbone") is not None:
+        backbone = ray.get(loop_config["backbone"])  # the driver's pretrained backbone, once per worker
+    run_training(cfg, options, device=device, report=report, resume=resume, tracker=tracker, init_state=init_state,
+                 backbone=backbone)
 
 
 def _write_placement_group(location: str) -> None:
@@ -110,6 +115,13 @@ def release_placement_group(location: str | Path) -> bool:
     return True
 
 
+def _object_ref(value: Any) -> Any:
+    """``value`` in the object store (an object ref passes through; None stays None)."""
+    if value is None or isinstance(value, ray.ObjectRef):
+        return value
+    return ray.put(value)
+
+
 def build_torch_trainer(
     cfg: Config,
     options: RunOptions,
@@ -123,6 +135,7 @@ def build_torch_trainer(
     callbacks: list[Any] | None = None,
     placement_group_file: str | None = None,
     init_state: dict[str, Any] | None = None,
+    backbone: BackboneWeights | Any | None = None,
 ) -> SSDTorchTrainer:
     """Ray's ``TorchTrainer`` for one training run (not the plain-PyTorch ``StepRunner`` of
     ``ssd.engine``: the Ray Train run of workers that each run ``ssd.training.run_training``).
@@ -139,13 +152,17 @@ def build_torch_trainer(
         init_state: initial weights of a fresh run (``ssd.transfer.initial_state``); they go
             through the object store, so workers on any node get them. A run resumed from a
             checkpoint (after a failure, or ``resume_from``) starts from that instead.
+        backbone: the pretrained backbone (``ssd.models.resolve_backbone_weights`` on the driver,
+            or an object ref of it): fetched once, through the object store to every worker,
+            never downloaded by a worker.
     """
     # The config and options travel as the objects they are (frozen dataclasses, pickled by Ray):
     # no dict round trip between the driver's checked config and the workers'.
     loop_config = {"config": cfg, "options": options,
                    "threads": max(1, math.floor(scaling.cpus_per_worker)),
                    "placement_group_file": placement_group_file,
-                   "init_state": ray.put(init_state) if init_state is not None else None}
+                   "init_state": ray.put(init_state) if init_state is not None else None,
+                   "backbone": _object_ref(backbone)}
     return SSDTorchTrainer(  # a TorchTrainer that ends the run at once on a PermanentError
         train_loop_per_worker,
         train_loop_config=loop_config,

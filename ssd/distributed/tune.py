@@ -49,6 +49,8 @@ class SweepSetup:
     min_prior_recall: float = 0.0
     #: ground-truth boxes (N,4) relative xyxy and areas (N,) for the pre-screen, as lists
     prescreen_gt: dict[str, Any] | None = field(default=None, repr=False)
+    #: the base config's pretrained backbone (an object ref of ``ssd.models.BackboneWeights``)
+    backbone: Any = None
 
 
 def to_tune_space(space: SearchSpace) -> dict[str, Any]:
@@ -87,6 +89,19 @@ def prior_recall(cfg: Any, gt: dict[str, Any]) -> float:
     truth = GroundTruth(boxes=torch.tensor(gt["boxes"], dtype=torch.float32).reshape(-1, 4),
                         areas=torch.tensor(gt["areas"], dtype=torch.float32), num_images=gt["num_images"])
     return float(analyze_config(cfg, truth)["coverage"]["all"]["recall"])
+
+
+def _trial_backbone(cfg: Any, setup: SweepSetup) -> Any:
+    """The sweep's backbone if the trial samples no ``model.*`` / input convention, else the
+    trial's own (resolved here, in the trial's driver: e.g. a sampled architecture)."""
+    base = setup.base_config
+    same = (cfg.to_dict()["model"] == base.get("model")
+            and cfg.augment.input_convention == (base.get("augment") or {}).get("input_convention"))
+    if same:
+        return setup.backbone
+    from ssd.models import resolve_backbone_weights
+
+    return resolve_backbone_weights(cfg)
 
 
 def _trial_id() -> str:
@@ -130,7 +145,8 @@ def trial_driver(values: dict[str, Any], setup: SweepSetup) -> None:
     trainer = build_torch_trainer(cfg, options, setup.scaling, name=run_name,
                                   storage_path=setup.storage_path, max_failures=0, keep_checkpoints=1,
                                   callbacks=[TuneReportCallback()],
-                                  placement_group_file=placement_group_file(setup, trial_id))
+                                  placement_group_file=placement_group_file(setup, trial_id),
+                                  backbone=_trial_backbone(cfg, setup))
     try:
         trainer.fit()
     except BaseException:

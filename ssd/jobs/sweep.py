@@ -18,6 +18,7 @@ from typing import Any
 from ssd import storage
 from ssd.config import Config, ConfigError, config_from_dict, load_config
 from ssd.jobs.common import BadRequest, default_storage_path, local_path, resolve_data
+from ssd.jobs.train import check_schedule, epochs_overrides
 from ssd.search_space import SearchSpace, SpaceError
 
 SETUP_FILE = "sweep_setup.json"
@@ -129,9 +130,9 @@ def resolve_sweep(request: SweepRequest) -> ResolvedSweep:
         raise BadRequest("--space is required (e.g. tune_spaces/priors.yaml)")
     overrides = list(request.overrides) + ["train.eval_every=1"]  # ASHA compares mAP every epoch
     if request.epochs:
-        overrides.append(f"train.epochs={request.epochs}")
+        overrides += epochs_overrides(request.epochs)
     if request.smoke_test:
-        overrides = ["train.epochs=2", "train.batch_size=8", "optim.warmup_iters=5", *overrides]
+        overrides = [*epochs_overrides(2), "train.batch_size=8", "optim.warmup_iters=5", *overrides]
     data = resolve_data(request.data, smoke_test=request.smoke_test)
     try:
         base = load_config(request.config, [f"model.num_classes={data.train_set.num_classes}", *overrides])
@@ -143,6 +144,10 @@ def resolve_sweep(request: SweepRequest) -> ResolvedSweep:
         raise BadRequest(f"search space: {err}") from None
     if request.workers_per_trial < 1 or request.num_samples < 1:
         raise BadRequest("--workers-per-trial and --num-samples must be at least 1")
+    if base.train.epochs is None:  # ASHA's rungs and the trials' budget are epochs
+        raise BadRequest(f"config: a sweep's trials run for train.epochs (ASHA compares them epoch by epoch), but "
+                         f"the config gives train.max_iters={base.train.max_iters}: use --epochs N")
+    check_schedule(base, data.train_set.num_samples, request.workers_per_trial)
     name = request.name or f"sweep-{Path(request.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     return ResolvedSweep(request=request, name=name, storage=storage_path, space_file=str(Path(request.space).resolve()),
                          base=base.to_dict(), space_snapshot=space.snapshot(), train_spec=data.train_spec,

@@ -68,12 +68,13 @@ class TrainRequest:
 
     def config_overrides(self) -> list[str]:
         """The config overrides the request makes: ``overrides``, then the shorthands
-        (``epochs``, ``freeze_backbone_epochs``); ``smoke_test``'s come first."""
-        overrides = list(self.overrides) + ([f"train.epochs={self.epochs}"] if self.epochs else [])
+        (``epochs``, ``freeze_backbone_epochs``); ``smoke_test``'s come first. ``--epochs N``
+        (and the smoke test's 2 epochs) set the run's length: they clear ``train.max_iters``."""
+        overrides = list(self.overrides) + (epochs_overrides(self.epochs) if self.epochs else [])
         if self.freeze_backbone_epochs is not None:
             overrides.append(f"train.freeze_backbone_epochs={self.freeze_backbone_epochs}")
         if self.smoke_test:
-            overrides = ["train.epochs=2", "train.batch_size=8", *overrides]
+            overrides = [*epochs_overrides(2), "train.batch_size=8", *overrides]
         return overrides
 
     def argv(self) -> list[str]:
@@ -90,6 +91,23 @@ class TrainRequest:
                 flag = "--" + f.name.replace("_", "-")
                 out += [flag] if value is True else [flag, str(value)]
         return out + list(self.overrides)
+
+
+def epochs_overrides(epochs: int) -> list[str]:
+    """The overrides of an ``--epochs N`` shorthand: the length in epochs, ``train.max_iters``
+    cleared (a preset may give the length in iterations; exactly one of the two may be set)."""
+    return ["train.max_iters=null", f"train.epochs={epochs}"]
+
+
+def check_schedule(cfg: Config, num_train_samples: int, workers: int) -> Any:
+    """``ssd.schedule.plan_schedule`` of the run, or BadRequest naming the numbers (a global
+    batch that does not split over the workers, data that cannot fill one global batch)."""
+    from ssd.schedule import ScheduleError, plan_schedule
+
+    try:
+        return plan_schedule(cfg, num_train_samples, workers)
+    except ScheduleError as err:
+        raise BadRequest(f"config: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -134,6 +152,8 @@ class ResolvedTrain:
     resumed: Resumed | None = None
     init_state: dict[str, Any] | None = None
     source: InitSource | None = None
+    #: the pretrained backbone of a fresh run (``ssd.models.BackboneWeights``), resolved here once
+    backbone: Any = None
 
     @property
     def run_dir(self) -> str:
@@ -223,8 +243,12 @@ def resolve_train(request: TrainRequest) -> ResolvedTrain:
                          f"{len(train_set.classes)} classes + background")
     if request.workers < 1:
         raise BadRequest(f"--workers must be at least 1, got {request.workers}")
+    check_schedule(cfg, train_set.num_samples, request.workers)
     if request.register_as and request.no_mlflow:
         raise BadRequest("--register-as needs MLflow: drop --no-mlflow")
+    # A fresh run's pretrained backbone: read (or fetched) once, here, then shipped to the workers
+    # by Ray; resumed and --init-from runs have every weight already.
+    backbone = resolve_backbone(cfg) if resumed is None and source is None else None
     init_state = None
     if source is not None:
         from ssd.transfer import IncompatibleModels, initial_state
@@ -245,7 +269,22 @@ def resolve_train(request: TrainRequest) -> ResolvedTrain:
         name = f"ssd-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     return ResolvedTrain(cfg=cfg, train_set=train_set, val_set=data.val_set, train_spec=data.train_spec,
                          val_spec=data.val_spec, name=name, storage=storage_path, resume_from=resume_from,
-                         resumed=resumed, init_state=init_state, source=source)
+                         resumed=resumed, init_state=init_state, source=source, backbone=backbone)
+
+
+def resolve_backbone(cfg: Config) -> Any:
+    """``ssd.models.resolve_backbone_weights`` with its one-line errors as a BadRequest; prints
+    where the weights came from."""
+    from ssd.models import resolve_backbone_weights
+
+    try:
+        backbone = resolve_backbone_weights(cfg)
+    except (ValueError, OSError) as err:  # unavailable offline, not found, NaN, wrong architecture
+        raise BadRequest(str(err)) from None
+    if backbone is not None:
+        print(f"backbone weights: {backbone.source} (sha256 {backbone.sha256[:16]}, input "
+              f"{backbone.input_convention})", flush=True)
+    return backbone
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -257,7 +296,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     lines = [f"finished {summary['run_name']} in {summary['seconds']:.0f} s",
              f"  best validation mAP (COCO AP) {number('mAP')}, AP50 {number('AP50')}"
              + (f", VOC07 mAP {number('VOC07_mAP')}" if summary.get("VOC07_mAP") is not None else "")
-             + f" at epoch {summary['best_epoch']}/{summary['epochs']}",
+             + f" at epoch {summary['best_epoch']}"
+             + (f"/{summary['epochs']}" if summary.get("epochs") is not None else ""),  # None: train.max_iters
              f"  best checkpoint: {summary['best_checkpoint']}"]
     if summary.get("mlflow_run_id"):
         lines.append(f"  MLflow run {summary['mlflow_run_id']}: {summary['mlflow_ui']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,8 +16,16 @@ from ssd.models.heads import SSDHead
 from ssd.models.mobilenet import MobileNetV1Features, MobileNetV2LiteFeatures
 from ssd.models.tiny import TinyFeatures
 from ssd.models.vgg import VGG16Features, ssd300_extras, ssd512_extras
-from ssd.models.weights import load_backbone_weights
+from ssd.models.weights import (
+    IMAGENET,
+    BackboneWeights,
+    apply_backbone_weights,
+    backbone_weights_for,
+    is_location,
+)
 from ssd.priors import PriorSpec
+
+log = logging.getLogger(__name__)
 
 
 class SSD(nn.Module):
@@ -107,11 +116,39 @@ def source_shapes(
     return [(int(m.shape[1]), int(m.shape[2]), int(m.shape[3])) for m in maps]
 
 
-def build_model(cfg: Config) -> SSD:
+def resolve_backbone_weights(cfg: Config) -> BackboneWeights | None:
+    """The backbone weights ``cfg.model.backbone_weights`` names, read, converted and checked
+    for ``cfg.model.arch`` (None for ``none`` / null): what the run layer calls once, on the
+    driver before any worker starts, and hands to ``build_model(cfg, backbone=...)``.
+
+    ``imagenet`` comes from torchvision's cache (``$TORCH_HOME/hub/checkpoints``), downloaded
+    there only when the network answers quickly; otherwise ``BackboneWeightsUnavailable`` (a
+    ValueError, one line) within a few seconds. A file that does not fit the architecture, has
+    NaN/Inf tensors, or an ``augment`` normalisation that conflicts with the weights' input
+    convention (``ssd.config.ConfigError``) is refused naming the tensor or the keys. Nothing
+    is built but the feature extractor on the meta device (shapes only).
+    """
+    arch = _ARCHS.get(cfg.model.arch)
+    if arch is None:
+        raise ValueError(f"unknown model.arch {cfg.model.arch!r}; known: {ARCHITECTURES}")
+    with torch.device("meta"):
+        features = arch.features(cfg.model.width_mult)
+    return backbone_weights_for(cfg, features)
+
+
+def build_model(cfg: Config, backbone: BackboneWeights | None = None) -> SSD:
     """The SSD named by ``cfg.model.arch`` with heads for ``cfg.priors``.
 
-    Raises ValueError for an unknown arch, fewer than 2 classes, or a prior spec whose
-    ``feature_maps`` differ from the sizes the architecture produces at ``image_size``.
+    Backbone weights: ``backbone`` (from :func:`resolve_backbone_weights`, e.g. resolved on the
+    driver and shipped to the workers) is loaded into the backbone after checking that its input
+    convention is the config's. Without it, a file named by ``model.backbone_weights`` (path,
+    URL, ``s3://``) is read and loaded here through the same code; ``imagenet`` is NOT fetched
+    or read (tests and benchmarks build these architectures all the time): the model keeps its
+    initialisation, as with ``none``.
+
+    Raises ValueError for an unknown arch, fewer than 2 classes, a prior spec whose
+    ``feature_maps`` differ from the sizes the architecture produces at ``image_size``, or
+    weights that do not fit.
     """
     model_cfg, spec = cfg.model, cfg.priors
     if model_cfg.arch not in _ARCHS:
@@ -147,6 +184,19 @@ def build_model(cfg: Config) -> SSD:
         arch.features(model_cfg.width_mult), head, BoxCoding.from_config(cfg), model_cfg.num_classes,
         model_cfg.arch,
     )
-    if model_cfg.backbone_weights:
-        load_backbone_weights(model, model_cfg.backbone_weights)
+    if backbone is None and is_location(model_cfg.backbone_weights):
+        backbone = backbone_weights_for(cfg, model.features)
+    elif backbone is None and model_cfg.backbone_weights == IMAGENET:
+        log.info(
+            "%s: model.backbone_weights=imagenet is not loaded by build_model(cfg) (backbone left "
+            "at init); the run layer passes backbone=resolve_backbone_weights(cfg)", model_cfg.arch
+        )
+    if backbone is not None:
+        wanted = cfg.augment.input_convention or "rgb"
+        if backbone.input_convention != wanted:
+            raise ValueError(
+                f"backbone weights {backbone.source} take {backbone.input_convention} input, "
+                f"but this config normalises for {wanted} (augment.input_convention)"
+            )
+        apply_backbone_weights(model, backbone)
     return model

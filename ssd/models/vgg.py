@@ -7,8 +7,12 @@ indices 0-29 are also torchvision's ``vgg16().features``:
     0-3 conv1_x | 4 pool1 | 5-8 conv2_x | 9 pool2 | 10-15 conv3_x | 16 pool3 (ceil) |
     17-22 conv4_x | 23 pool4 | 24-29 conv5_x | 30 pool5 (3x3 s1) | 31-32 fc6 | 33-34 fc7
 
-so torchvision ``features.N.*`` keys map to ``N.*`` and ssd.pytorch's ``vgg16_reducedfc.pth``
-loads unchanged.
+so torchvision ``features.N.*`` keys map to ``N.*`` (its classifier's fc6/fc7 decimated into
+conv6/conv7 by :func:`convert_torchvision_vgg16`; ``model.backbone_weights=imagenet``), and
+ssd.pytorch's ``vgg16_reducedfc.pth`` loads with its keys unchanged. The two take different
+input: torchvision's RGB / 255 with ImageNet's mean and std, the reduced-fc file Caffe's BGR
+0-255 minus (104, 117, 123), so that one needs ``augment.input_convention=caffe_bgr``
+(``ssd.models.weights``).
 """
 
 from __future__ import annotations
