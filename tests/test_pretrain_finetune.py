@@ -64,7 +64,7 @@ def pipeline_run(services, data, tmp_path_factory):
          "--pretrain-epochs", "2", "--finetune-epochs", "2", "--freeze-backbone-epochs", "1", "--workers", "2",
          "--mlflow-uri", services["mlflow"], "--experiment", "pf-test", "--storage-path", str(out / "runs"),
          "--log-every", "1000", "--summary-json", str(summary_path),
-         "--pretrain", "train.batch_size=8", "--finetune", "train.batch_size=8"],
+         "--pretrain", "train.batch_size=16", "--finetune", "train.batch_size=16"],  # 8 per worker
         env=services["env"], capture_output=True, text=True, timeout=540, check=False)
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-6000:]
