@@ -1,7 +1,7 @@
 """COCO-pretrain then VOC-finetune as one pipeline, with the MLflow model registry as the hand-off.
 
     ray job submit --working-dir . -- python pipelines/pretrain_finetune.py \\
-        --coco-data shards/coco --voc-data shards/voc --config ssd300_vgg16 --workers 8 --gpu
+        --coco-data shards/coco --voc-data shards/voc --config ssd300_coco_to_voc --workers 8 --gpu
     python pipelines/pretrain_finetune.py --from-registry --voc-data shards/voc   # stage 2 only
 
 Stage 1 trains on ``--coco-data`` (a folder with ``train/`` and ``val/`` shard sets) and registers
@@ -22,10 +22,17 @@ classes without a counterpart fresh), optionally with the backbone frozen for th
 Both stages are child runs of one MLflow parent run. The two stages' configs must be compatible
 (same architecture, same boxes per location): that is checked before stage 1 trains, and again
 against the registry model before stage 2 trains. ``--pretrain-only`` stops after stage 1.
-Configs: stage 1 is ``--config`` (default tiny) with ``--pretrain KEY=VALUE ...``; stage 2 takes
-the model and priors sections from the model it starts from and the rest from ``--config`` (not
-from stage 1's overrides), then ``--finetune KEY=VALUE ...`` (e.g. ``--finetune optim.lr=0.01``).
-With ``--from-registry`` and no ``--config``, stage 2 starts from the registry model's whole config. Ray and the workers are as in ``pipelines/train.py``.
+Configs: ``--config`` is a two-stage recipe or one preset. A two-stage recipe
+(``--config ssd300_coco_to_voc``, the paper's COCO -> VOC07+12; docs/recipes.md) names each
+stage's preset and overrides (``stages:`` in its YAML, ``ssd.config.read_stages``): stage 1
+``ssd300_coco`` with the paper's COCO schedule, stage 2 ``ssd300_voc0712``; ``--pretrain`` /
+``--finetune KEY=VALUE ...`` apply after them, and ``--pretrain-epochs`` / ``--finetune-epochs``
+replace a stage's iteration schedule with epochs. With one preset, stage 1 is ``--config``
+(default tiny) with ``--pretrain KEY=VALUE ...`` and stage 2 the same preset (not stage 1's
+overrides) with ``--finetune KEY=VALUE ...`` (e.g. ``--finetune optim.lr=0.01``). Either way
+stage 2 takes the model and priors sections from the model it starts from, so it reads no
+backbone weights. With ``--from-registry`` and no ``--config``, stage 2 starts from the registry
+model's whole config. Ray and the workers are as in ``pipelines/train.py``.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--voc-data", help="stage 2 data: a folder with train/ and val/ shard sets")
     stages = p.add_argument_group("stages")
     stages.add_argument("--config", default=None,
-                        help="preset or YAML of both stages (default tiny); stage 2 keeps the model's model and "
+                        help="a two-stage recipe (e.g. ssd300_coco_to_voc: each stage's preset and schedule), or a "
+                             "preset or YAML of both stages (default tiny); stage 2 keeps the model's model and "
                              "priors sections. With --from-registry, default: the registry model's whole config")
     stages.add_argument("--pretrain-epochs", type=int, help="stage 1 train.epochs")
     stages.add_argument("--finetune-epochs", type=int, help="stage 2 train.epochs")

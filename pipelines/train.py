@@ -1,7 +1,7 @@
 """Train SSD with Ray Train (DDP, one process per worker, GPU or CPU) and track it in MLflow.
 
     ray job submit --working-dir . -- python pipelines/train.py --config tiny --data DIR --workers 2
-    python pipelines/train.py --config ssd300_vgg16 --data shards/voc --workers 8 --gpu optim.lr=2e-3
+    python pipelines/train.py --config ssd300_voc0712 --data shards/voc --workers 8 --gpu
     python pipelines/train.py --resume NAME            # continue a stopped run where it stopped
     python pipelines/train.py --smoke-test             # 2 tiny epochs on 2 CPU workers
     python pipelines/train.py --init-from models:/ssd-coco@champion --data shards/voc --freeze-backbone-epochs 2

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from ssd.coding import MatchingConfig
-from ssd.fields import Bool, Int, Maybe, Num, OneOf, Seq, Str, check_fields
+from ssd.fields import Bool, Int, Maybe, Num, OneOf, OrName, Seq, Str, check_fields
 from ssd.postprocess import PostprocessConfig
 from ssd.priors import PriorSpec, PriorSpecError
 
@@ -270,7 +270,12 @@ class TrainConfig:
     #: global batch: images per optimizer step, all workers together
     batch_size: int = 32
     seed: int = 0
-    eval_every: int = 1
+    #: validation after every this many epochs (and always after the last), or "auto": after an
+    #: epoch whenever that keeps evaluation within ``eval_budget`` of the run's wall time
+    #: (``ssd.train_hooks.EvaluationBudget``)
+    eval_every: int | str = "auto"
+    #: "auto"'s share of wall time for evaluation (the final evaluation is always run)
+    eval_budget: float = 0.1
     #: epochs at the start during which the backbone is frozen (no gradients, BatchNorm
     #: statistics fixed): a finetune first fits the new head to the pretrained features
     freeze_backbone_epochs: int = 0
@@ -288,7 +293,8 @@ class TrainConfig:
             max_iters=Maybe(Int(">= 1")),
             batch_size=Int(">= 1"),
             seed=Int("[0, 4294967295]"),  # 32 bits: what every seeding API accepts
-            eval_every=Int(">= 1"),
+            eval_every=OrName(Int(">= 1"), ("auto",)),
+            eval_budget=Num("(0, 1]"),
             # more than train.epochs is allowed: the backbone then stays frozen for the whole run
             freeze_backbone_epochs=Int(">= 0"),
             channels_last=Bool(),
@@ -297,6 +303,24 @@ class TrainConfig:
             raise ConfigError(
                 f"train.epochs={self.epochs} and train.max_iters={self.max_iters} are both set; exactly one defines "
                 "the run's length: add train.epochs=null to train for max_iters steps (or train.max_iters=null)")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Where a preset's training recipe comes from and what it should reach: metadata, printed at
+    the top of a run's recipe block and logged with its params (``recipe.name`` ...); it changes
+    nothing in training. Named recipes (``ssd/configs/ssd300_voc0712.yaml`` ...) set it; a run
+    that changes the recipe's batch, length or schedule is told its figure may not hold."""
+
+    #: the recipe's name (the preset's), e.g. "ssd300_voc0712"
+    name: str | None = None
+    #: its source: paper section, reference implementation and config file
+    reference: str | None = None
+    #: what it should reach, with the data it is measured on
+    expected: str | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, "recipe", ConfigError, name=Maybe(Str()), reference=Maybe(Str()), expected=Maybe(Str()))
 
 
 @dataclass(frozen=True)
@@ -309,6 +333,7 @@ class Config:
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists, no tuples) that :func:`config_from_dict` reads back."""
@@ -349,6 +374,7 @@ _SECTIONS: dict[str, type] = {
     "postprocess": PostprocessConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "recipe": RecipeConfig,
 }
 
 
@@ -497,15 +523,71 @@ def read_yaml_mapping(path: Path, error: type[Exception], top_level: str) -> dic
     return data
 
 
-def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> Config:
-    """Load a preset name (``ssd/configs/<name>.yaml``) or a YAML path, then apply overrides."""
+def preset_path(name_or_path: str | Path) -> Path:
+    """The YAML file of a preset name (``ssd/configs/<name>.yaml``) or a path; ConfigError
+    listing the presets when there is none."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"config {str(name_or_path)!r} not found; presets: {presets}")
+    return path
+
+
+def read_preset(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw config dict of a preset or YAML file, with its ``base:`` (a preset name, or a path
+    relative to the file) merged under it section by section: a key the file sets wins, every
+    other key is the base's. Two-stage pipeline recipes (a ``stages:`` key) are refused here."""
+    path = preset_path(name_or_path)
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p.name) for p in (*_seen, path.resolve()))
+        raise ConfigError(f"{path}: 'base' goes round in a circle: {chain}")
     data = read_yaml_mapping(path, ConfigError, "a mapping of sections")
+    if "stages" in data:
+        raise ConfigError(f"{path.stem} is a two-stage recipe (pretrain, then finetune): run it with "
+                          f"pipelines/pretrain_finetune.py --config {path.stem}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a preset name or a YAML path, got {base!r}")
+    base_ref: str | Path = base if not Path(base).suffix else path.parent / base
+    merged = read_preset(base_ref, (*_seen, path.resolve()))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def read_stages(name_or_path: str | Path) -> dict[str, Any] | None:
+    """A two-stage pipeline recipe's ``stages`` and ``recipe`` (``{"recipe": {...}, "pretrain":
+    {"config": NAME, "overrides": [...]}, "finetune": {...}}``), or None for a one-stage config."""
+    path = preset_path(name_or_path)
+    data = read_yaml_mapping(path, ConfigError, "a mapping")
+    stages = data.get("stages")
+    if stages is None:
+        return None
+    if not isinstance(stages, dict) or set(stages) != {"pretrain", "finetune"}:
+        raise ConfigError(f"{path}: stages must be a mapping with exactly 'pretrain' and 'finetune'")
+    out: dict[str, Any] = {"recipe": data.get("recipe") or {}}
+    for stage, spec in stages.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("config"), str):
+            raise ConfigError(f"{path}: stages.{stage} must give 'config' (a preset) and optionally 'overrides'")
+        overrides = spec.get("overrides") or []
+        if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+            raise ConfigError(f"{path}: stages.{stage}.overrides must be a list of KEY=VALUE strings")
+        out[stage] = {"config": spec["config"], "overrides": list(overrides)}
+    return out
+
+
+def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> Config:
+    """Load a preset name (``ssd/configs/<name>.yaml``) or a YAML path (with its ``base:``
+    chain, :func:`read_preset`), then apply overrides."""
+    path = preset_path(name_or_path)
+    data = read_preset(path)
     try:
         return config_from_dict(apply_overrides(data, overrides or []))
     except ConfigError as err:

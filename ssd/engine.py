@@ -58,12 +58,13 @@ def lr_factor(cfg: OptimConfig, iteration: int, total_iters: int, drops: tuple[i
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_iters: int, lr_scale: float = 1.0
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_iters: int, lr_scale: float = 1.0,
+    drops: tuple[int, ...] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration schedule (call ``step()`` after every optimizer step): the optimizer's lr
     times ``lr_scale`` (the linear scaling rule, ``ssd.schedule.SchedulePlan.lr_scale``) times
-    :func:`lr_factor`."""
-    drops = lr_drop_iters(cfg, total_iters)
+    :func:`lr_factor`, dropping at ``drops`` (``SchedulePlan.lr_drops``; None: from ``cfg``)."""
+    drops = lr_drop_iters(cfg, total_iters) if drops is None else drops
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_scale * lr_factor(cfg, it, total_iters, drops)
     )
@@ -198,10 +199,17 @@ def predict(
     images: Tensor,
     params: PostprocessConfig,
     image_sizes: Tensor | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> list[dict[str, Tensor]]:
     """Detections for a batch of network-ready images (B, 3, S, S); boxes in pixels of
     ``image_sizes`` ((B, 2) height, width) or in [0, 1] when it is None. Decoded by the model's
-    own box coding (``model.coding``), the one its training targets were encoded with."""
+    own box coding (``model.coding``), the one its training targets were encoded with. With
+    ``amp_dtype`` the network runs under autocast; its outputs are decoded in float32."""
     model.eval()
-    loc, logits = model(images)
+    if amp_dtype is None:
+        loc, logits = model(images)
+    else:
+        with torch.autocast(images.device.type, dtype=amp_dtype):
+            loc, logits = model(images)
+        loc, logits = loc.float(), logits.float()
     return unwrap(model).coding.detect(loc, logits, params, image_sizes=image_sizes)

@@ -226,6 +226,28 @@ class Maybe(Rule):
             raise _Refused(self.text if wrong_type else refused.requirement) from None
 
 
+@dataclass(frozen=True)
+class OrName(Rule):
+    """A value of ``rule`` or one of the names ``names`` (e.g. an integer >= 1 or "auto")."""
+
+    rule: Rule
+    names: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return f"{self.rule.text} or " + " or ".join(repr(n) for n in self.names)
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, str) and value in self.names:
+            return value
+        try:
+            return self.rule(value)
+        except _Refused as refused:
+            # a wrong type names the names as well; a number out of range names only the range
+            wrong_type = refused.requirement == self.rule.text
+            raise _Refused(self.text if wrong_type else refused.requirement) from None
+
+
 def check_fields(obj: Any, section: str, error: type[Exception], **rules: Rule) -> None:
     """Check each field of the frozen dataclass ``obj`` against its rule, in field order, and store
     the normalised values; raise ``error`` naming the first bad one as ``section.field``.

@@ -282,6 +282,17 @@ PRESETS: dict[str, PriorSpec] = {
         max_sizes=(60, 111, 162, 213, 264, 315),
         aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)),
     ),
+    # SSD300 for COCO (paper section 3.4: conv4_3 at 0.07, then 0.15..0.87; Caffe ssd_coco.py,
+    # ssd.pytorch's `coco` config, torchvision's ssd300_vgg16 scales): smaller boxes than VOC's.
+    "ssd300_vgg16_coco": PriorSpec(
+        name="ssd300_vgg16_coco",
+        image_size=300,
+        feature_maps=(38, 19, 10, 5, 3, 1),
+        steps=(8, 16, 32, 64, 100, 300),
+        min_sizes=(21, 45, 99, 153, 207, 261),
+        max_sizes=(45, 99, 153, 207, 261, 315),
+        aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)),
+    ),
     # SSD512 (Caffe ssd_pascal_512.py): conv4_3 at 0.07, then 0.15..0.9; 24564 priors.
     "ssd512_vgg16": PriorSpec(
         name="ssd512_vgg16",

@@ -16,8 +16,11 @@ The rules (the SSD references: batch 32 in total, 120k iterations, lr drops at 8
   ``ceil(fraction * iterations)`` for each of ``optim.milestones``; warm-up is
   ``optim.warmup_iters`` linear steps (never the whole run).
 - Linear scaling (Goyal et al. 2017): with ``optim.reference_batch`` set, the lr is the one for
-  that batch and the run uses ``lr * global batch / reference_batch``, warm-up kept. Unset, the
-  lr is taken as is.
+  that batch and the run uses ``lr * global batch / reference_batch``, warm-up kept. A length in
+  iterations (``train.max_iters``, ``optim.lr_steps``) is then the reference batch's too, and is
+  scaled by ``reference_batch / global batch`` (rounded): the run sees the same number of images
+  and drops the lr at the same points of the data, as the rule prescribes. Unset, the lr and the
+  iterations are taken as they are.
 
 Nothing here imports torch: a bad request is refused on the driver in milliseconds.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ssd.config import Config, OptimConfig
@@ -48,16 +52,17 @@ def per_worker_batch(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
-def lr_drop_iters(optim: OptimConfig, total_iters: int) -> tuple[int, ...]:
+def lr_drop_iters(optim: OptimConfig, total_iters: int, length_scale: float = 1.0) -> tuple[int, ...]:
     """The iterations (0-based step index) from which the lr is multiplied by one more
-    ``optim.gamma``: ``optim.lr_steps`` as given, else ``ceil(m * total_iters)`` for each
-    milestone fraction m. Empty for the cosine schedule."""
+    ``optim.gamma``: ``optim.lr_steps`` (times ``length_scale``, rounded), else
+    ``ceil(m * total_iters)`` for each milestone fraction m. Empty for the cosine schedule."""
     if optim.schedule != "multistep":
         return ()
     if optim.lr_steps is not None:
-        return tuple(int(step) for step in optim.lr_steps)
-    # rounded first: 0.67 * 100 is 67.00000000000001 in floats, and the drop is meant at 67
-    return tuple(math.ceil(round(m * total_iters, 6)) for m in optim.milestones)
+        return tuple(max(1, round(int(step) * length_scale)) for step in optim.lr_steps)
+    # rounded first: 0.67 * 100 is 67.00000000000001 in floats, and the drop is meant at 67; to
+    # 3 decimals, so that a fraction written to 9 digits (2/3 as 0.666666667) lands exactly
+    return tuple(math.ceil(round(m * total_iters, 3)) for m in optim.milestones)
 
 
 def effective_warmup(optim: OptimConfig, total_iters: int) -> int:
@@ -83,6 +88,9 @@ class SchedulePlan:
     epochs: float
     #: the key that defines the length: "train.epochs" or "train.max_iters"
     length_from: str
+    #: reference batch / global batch when ``train.max_iters`` is for ``optim.reference_batch``
+    #: (the linear scaling rule keeps the images seen), else 1
+    length_scale: float
     #: ``optim.lr``, and the batch it is for (``optim.reference_batch``; None: this run's batch)
     lr: float
     reference_batch: int | None
@@ -101,10 +109,13 @@ class SchedulePlan:
         return {f"schedule.{key}": json.dumps(list(value)) if isinstance(value, tuple) else value
                 for key, value in asdict(self).items()}
 
-    def recipe_lines(self, steps_per_pass: int | None = None) -> list[str]:
+    def recipe_lines(self, steps_per_pass: int | None = None, title: str | None = None,
+                     extra: tuple[str, ...] = ()) -> list[str]:
         """The run's "recipe" block, as rank 0 prints it at the start. ``steps_per_pass``: the
         steps one pass over the data gives each worker (``ssd.data.sharding.steps_per_epoch``),
-        mentioned when the shard split makes it shorter than an epoch's iterations."""
+        mentioned when the shard split makes it shorter than an epoch's iterations. ``title``
+        follows "recipe:" (the named recipe); ``extra`` lines (weights, evaluation, ...) end the
+        block, indented as the others."""
         if self.reference_batch is None:
             lr = f"{self.lr_effective:g} (optim.lr, taken for this batch: optim.reference_batch unset)"
         elif self.lr_scale == 1:
@@ -118,10 +129,13 @@ class SchedulePlan:
         else:
             schedule = f"cosine to 0 at iteration {self.iterations}"
         workers = f"{self.world_size} worker{'s' if self.world_size > 1 else ''}"
+        origin = self.length_from
+        if self.length_scale != 1:
+            origin += f" x {self.reference_batch}/{self.global_batch} (given for batch {self.reference_batch})"
         length = (f"{self.iterations} iterations = {self.epochs:g} epochs of {self.iters_per_epoch} iterations "
-                  f"({self.train_samples} images); set by {self.length_from}")
+                  f"({self.train_samples} images); set by {origin}")
         lines = [
-            "recipe:",
+            f"recipe: {title}" if title else "recipe:",
             f"  batch     {self.global_batch} global = {self.per_worker_batch} per worker x {workers}",
             f"  length    {length}",
             f"  lr        {lr}",
@@ -132,10 +146,10 @@ class SchedulePlan:
             passes = math.ceil(self.iterations / steps_per_pass)
             lines.append(f"  data      the shard split gives each worker {steps_per_pass} full batches per pass "
                          f"(an epoch is {self.iters_per_epoch}): {passes} passes, checkpoints after each")
-        return lines
+        return lines + [f"  {line}" for line in extra]
 
-    def recipe(self, steps_per_pass: int | None = None) -> str:
-        return "\n".join(self.recipe_lines(steps_per_pass))
+    def recipe(self, steps_per_pass: int | None = None, title: str | None = None, extra: tuple[str, ...] = ()) -> str:
+        return "\n".join(self.recipe_lines(steps_per_pass, title, extra))
 
 
 def plan_schedule(cfg: Config, num_train_samples: int, world_size: int) -> SchedulePlan:
@@ -149,16 +163,69 @@ def plan_schedule(cfg: Config, num_train_samples: int, world_size: int) -> Sched
     if iters_per_epoch < 1:
         raise ScheduleError(f"{num_train_samples} training images do not fill one global batch of "
                             f"train.batch_size={global_batch}: lower train.batch_size")
-    if train.max_iters is not None:
-        iterations, length_from = train.max_iters, "train.max_iters"
-    else:
-        iterations, length_from = train.epochs * iters_per_epoch, "train.epochs"
     reference = optim.reference_batch
     scale = global_batch / reference if reference is not None else 1.0
+    length_scale = 1.0
+    if train.max_iters is not None:
+        # iterations given for the reference batch: the same images seen at this batch
+        length_scale = reference / global_batch if reference is not None else 1.0
+        iterations, length_from = max(1, round(train.max_iters * length_scale)), "train.max_iters"
+    else:
+        iterations, length_from = train.epochs * iters_per_epoch, "train.epochs"
     return SchedulePlan(
         global_batch=global_batch, world_size=world_size, per_worker_batch=worker_batch,
         train_samples=num_train_samples, iters_per_epoch=iters_per_epoch, iterations=iterations,
-        epochs=round(iterations / iters_per_epoch, 4), length_from=length_from,
+        epochs=round(iterations / iters_per_epoch, 4), length_from=length_from, length_scale=length_scale,
         lr=optim.lr, reference_batch=reference, lr_scale=scale, lr_effective=optim.lr * scale,
-        schedule=optim.schedule, lr_drops=lr_drop_iters(optim, iterations), gamma=optim.gamma,
+        schedule=optim.schedule, lr_drops=lr_drop_iters(optim, iterations, length_scale), gamma=optim.gamma,
         warmup_iters=effective_warmup(optim, iterations))
+
+
+#: keys that do not change what a recipe trains (how often it is scored, the memory layout)
+_RECIPE_NEUTRAL = ("train.eval_every", "train.eval_budget", "train.channels_last", "train.seed")
+
+
+def recipe_deviations(cfg: Config) -> list[str]:
+    """The keys in which ``cfg`` differs from the named recipe it says it is (``recipe.name``,
+    a preset), as ``key=value (recipe: value)``; empty when it has no name, the name is not a
+    preset (a stage of a two-stage recipe), or nothing differs. The recipe's figure is for it as
+    written: the run's first lines say what differs."""
+    from ssd.config import ConfigError, load_config
+
+    name = cfg.recipe.name
+    if not name:
+        return []
+    try:
+        reference = load_config(name, [f"model.num_classes={cfg.model.num_classes}"]).flat()
+    except ConfigError:
+        return []
+    ours = cfg.flat()
+    same = _same_weights_file(cfg.model.arch, ours.get("model.backbone_weights"), reference.get("model.backbone_weights"))
+    return [f"{key}={ours[key]!r} (recipe: {reference.get(key)!r})" for key in sorted(ours)
+            if key not in _RECIPE_NEUTRAL and not key.startswith("recipe.") and ours[key] != reference.get(key)
+            and not (key == "model.backbone_weights" and same)]
+
+
+def _same_weights_file(arch: str, ours: Any, recipe: Any) -> bool:
+    """Whether ``model.backbone_weights=ours`` names the recipe's ``imagenet`` file itself (a
+    pre-staged copy on a path or bucket under torchvision's file name, e.g. vgg16-397923af.pth;
+    the recipe block's weights line shows the file's sha256 to confirm it)."""
+    if recipe != "imagenet" or not isinstance(ours, str) or ours in ("imagenet", "none"):
+        return False
+    from urllib.parse import urlparse
+
+    from ssd.models.weights import published_weights
+
+    try:
+        url = published_weights(arch).url
+    except ValueError:
+        return False
+    return Path(urlparse(ours).path).name == Path(urlparse(url).path).name
+
+
+def recipe_title(cfg: Config) -> str | None:
+    """The "recipe:" line's title: the recipe's name and the figure it should reach."""
+    if not cfg.recipe.name:
+        return None
+    return cfg.recipe.name + (f" (expected: {cfg.recipe.expected})" if cfg.recipe.expected else "")
+

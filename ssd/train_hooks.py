@@ -7,7 +7,7 @@ In the order ``ssd.training.run_training`` installs them:
 - :class:`StepProgress`: step lines with throughput and ETA, step metrics to MLflow;
 - :class:`InjectedFailure`: a rank exits abruptly at a given step (fault-tolerance tests);
 - :class:`EpochSummary`: the epoch's losses averaged over ranks;
-- :class:`PeriodicEvaluation`: validation every K epochs and at the end, the best mAP so far;
+- :class:`PeriodicEvaluation`: validation every K epochs or within a time budget, always at the end;
 - :class:`EpochLog`: epoch metrics to MLflow and the epoch line;
 - :class:`CheckpointReport`: ``report(metrics, save)`` once per epoch (Ray Train's checkpoints).
 """
@@ -235,22 +235,76 @@ class EpochSummary(HookBase):
              SCORE: NOT_EVALUATED})
 
 
+#: the first "auto" decision's guess of an evaluation's time per validation image, in training
+#: time per image. A forward pass alone is ~1/3 of a training step, but decoding the full-size
+#: JPEGs, NMS and pycocotools run on the CPU whatever the model: measured here (make demo, tiny on
+#: 2 cores) an evaluation cost 2.6x a training image per image; on a GPU the CPU share only
+#: grows. Erring high delays the first evaluation by an epoch or two; every later decision uses
+#: the last evaluation's measured time.
+EVAL_COST_GUESS = 2.0
+
+
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value's maximum over the ranks (identity in one process): a decision every rank
+    takes from them is the same on all."""
+    if world()[1] == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def within_budget(train_seconds: float, eval_seconds: float, next_eval: float, budget: float) -> bool:
+    """Whether one more evaluation of ``next_eval`` seconds keeps evaluation's share of the wall
+    time, ``eval / (train + eval)``, within ``budget``."""
+    spent = eval_seconds + next_eval
+    return spent <= budget * (train_seconds + spent)
+
+
 class PeriodicEvaluation(HookBase):
-    """Validation every ``every`` epochs and after the last (also one that ``max_iters`` cuts
-    short); ``best_mAP`` on every epoch.
+    """Validation after some epochs and always after the last (also one that ``max_iters`` cuts
+    short); ``best_mAP``, ``eval_seconds`` and ``eval_share`` on every epoch.
+
+    ``every``: an int K evaluates every K epochs; ``"auto"`` evaluates after an epoch whenever
+    that keeps evaluation within ``budget`` of the wall time so far (:func:`within_budget`),
+    judging an evaluation's time by the last one measured (before the first:
+    ``first_eval_ratio`` times the epoch's training time). All ranks evaluate together, so the
+    times are maxed over ranks first and every rank takes the same decision. Evaluations land at
+    epoch ends because that is where a checkpoint is reported with its score.
 
     ``validation`` is a ``ssd.training.Validation``: ``run(model)`` (every rank; results on rank
     0) and ``sample(model, count)`` (a picture's worth of detections).
     """
 
-    def __init__(self, validation: Any, every: int, best: float, progress: Progress, tracker: Any | None,
-                 sample_images: int) -> None:
+    def __init__(self, validation: Any, every: int | str, best: float, progress: Progress, tracker: Any | None,
+                 sample_images: int, budget: float = 0.1, first_eval_ratio: float = 0.1,
+                 device: torch.device | None = None) -> None:
         self.validation, self.every, self.best = validation, every, best
         self.progress, self.tracker, self.sample_images = progress, tracker, sample_images
+        self.budget, self.first_eval_ratio = budget, first_eval_ratio
+        self.device = device or torch.device("cpu")
+        self.train_seconds = self.eval_seconds = 0.0
+        self.last_eval: float | None = None
+        self.evaluations = 0
+
+    def before_epoch(self) -> None:
+        self.epoch_start = time.perf_counter()
+
+    def should_evaluate(self, epoch_seconds: float) -> bool:
+        if self.loop.last_epoch:
+            return True
+        if self.every != "auto":
+            return self.loop.epoch_number % int(self.every) == 0
+        guess = self.last_eval if self.last_eval is not None else self.first_eval_ratio * epoch_seconds
+        train, spent, guess = max_over_ranks([self.train_seconds, self.eval_seconds, guess], self.device)
+        return within_budget(train, spent, guess, self.budget)
 
     def after_epoch(self) -> None:
+        epoch_seconds = time.perf_counter() - self.epoch_start
+        self.train_seconds += epoch_seconds
         epoch, metrics = self.loop.epoch_number, self.loop.epoch_metrics
-        if epoch % self.every == 0 or self.loop.last_epoch:
+        seconds = 0.0
+        if self.should_evaluate(epoch_seconds):
             start = time.perf_counter()
             model = unwrap(self.loop.runner.model)
             results = self.validation.run(model)
@@ -258,9 +312,20 @@ class PeriodicEvaluation(HookBase):
                 metrics.update(results.metrics)
                 sample = self.validation.sample(model, self.sample_images)
                 log_eval_artifacts(self.tracker, epoch, results, self.validation.classes, sample)
-            self.progress.eval_seconds += time.perf_counter() - start
+            seconds = self.last_eval = time.perf_counter() - start
+            self.eval_seconds += seconds
+            self.evaluations += 1
+            self.progress.eval_seconds += seconds
             self.best = max(self.best, metrics[SCORE])
         metrics["best_mAP"] = self.best
+        metrics["eval_seconds"] = seconds
+        metrics["eval_share"] = self.eval_seconds / max(self.train_seconds + self.eval_seconds, 1e-9)
+
+    def after_train(self) -> None:
+        if world()[0] == 0 and self.evaluations:
+            total = self.train_seconds + self.eval_seconds
+            print(f"evaluation: {self.evaluations} run(s), {self.eval_seconds:.1f} s of {total:.1f} s "
+                  f"({100 * self.eval_seconds / max(total, 1e-9):.1f} % of the wall time in this process)", flush=True)
 
 
 def log_eval_artifacts(tracker: Any, epoch: int, results: Any, classes: list[str], sample: tuple | None) -> None:

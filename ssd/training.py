@@ -44,8 +44,9 @@ from ssd.engine import StepRunner, build_optimizer, build_scheduler
 from ssd.evaluation.inference import BatchPredictor
 from ssd.evaluation.service import eval_loader, evaluate_on_shards, flat_metrics
 from ssd.models import BackboneWeights, build_model
-from ssd.schedule import SchedulePlan, plan_schedule
+from ssd.schedule import SchedulePlan, plan_schedule, recipe_deviations, recipe_title
 from ssd.train_hooks import (  # noqa: F401 - SCORE, NOT_EVALUATED, epoch_seed, format_duration: re-exported
+    EVAL_COST_GUESS,
     NOT_EVALUATED,
     SCORE,
     BackboneFreeze,
@@ -160,15 +161,19 @@ class ValidationResults:
 class Validation:
     """The validation split of this rank, evaluated with ``ssd.evaluation.evaluate_on_shards``."""
 
-    def __init__(self, cfg: Config, val_set: ShardSet, device: torch.device, batch_size: int) -> None:
+    def __init__(self, cfg: Config, val_set: ShardSet, device: torch.device, batch_size: int,
+                 loader_workers: int = 0, amp_dtype: torch.dtype | None = None) -> None:
         self.cfg, self.val_set, self.device, self.batch_size = cfg, val_set, device, batch_size
+        self.loader_workers, self.amp_dtype = loader_workers, amp_dtype
         self.classes = list(val_set.classes)
 
     def run(self, model: nn.Module) -> ValidationResults | None:
-        """Every rank evaluates its split; rank 0 gets the results, the others None."""
+        """Every rank evaluates its split (its own loader workers, the run's autocast); rank 0
+        gets the results, the others None."""
         rank, world_size = world()
         result = evaluate_on_shards(model, self.cfg, self.val_set, self.device, self.batch_size,
-                                    rank=rank, world_size=world_size)
+                                    rank=rank, world_size=world_size, num_workers=self.loader_workers,
+                                    amp_dtype=self.amp_dtype)
         if result is None:
             return None
         coco = {key: value for key, value in result.items() if key != "VOC07"}
@@ -182,7 +187,7 @@ class Validation:
         images, targets = images[:count], targets[:count]
         size = self.cfg.priors.image_size
         with torch.no_grad():
-            detections = BatchPredictor(model, self.cfg, self.device)(images)
+            detections = BatchPredictor(model, self.cfg, self.device, self.amp_dtype)(images)
         scale = torch.tensor([size] * 4, dtype=torch.float32)
         detections = [{k: v.cpu() for k, v in d.items()} | {"boxes": d["boxes"].cpu() * scale} for d in detections]
         truth = [{"boxes": t["boxes"] * scale, "labels": t["labels"]} for t in targets]
@@ -264,7 +269,7 @@ def run_training(
         if steps_per_epoch == 0:
             raise ValueError(f"{options.train_data}: {train_set.num_samples} training samples over {world_size} "
                              f"ranks do not fill one batch of {plan.per_worker_batch} per rank")
-        scheduler = build_scheduler(optimizer, cfg.optim, plan.iterations, plan.lr_scale)
+        scheduler = build_scheduler(optimizer, cfg.optim, plan.iterations, plan.lr_scale, plan.lr_drops)
         runner = StepRunner(model, cfg, optimizer, scheduler, device, amp_dtype)
         runner.frozen = freeze.frozen_module()
 
@@ -284,10 +289,8 @@ def run_training(
               f"images; device {device}, AMP {amp_dtype or 'off'}"
               + (f"; resumed from epoch {start_epoch} (step {resume.step})" if resume is not None else ""),
               flush=True)
-        print(plan.recipe(steps_per_epoch), flush=True)
-        if backbone is not None and resume is None:
-            print(f"  weights   {backbone.source}, sha256 {backbone.sha256[:16]}, input {backbone.input_convention}",
-                  flush=True)
+        print(plan.recipe(steps_per_epoch, recipe_title(cfg),
+                          _recipe_extra(cfg, backbone, resume, init_state is not None)), flush=True)
 
     progress = Progress(epochs, steps_per_epoch, enabled=rank == 0,
                         total_iters=start_epoch * steps_per_epoch + plan.iterations - runner.iteration)
@@ -300,8 +303,12 @@ def run_training(
         hooks.append(InjectedFailure(*failure))
     hooks += [
         EpochSummary(device),
-        PeriodicEvaluation(Validation(cfg, val_set, device, cfg.train.batch_size), cfg.train.eval_every, best,
-                           progress, tracker, options.sample_images),
+        PeriodicEvaluation(
+            Validation(cfg, val_set, device, cfg.train.batch_size, options.loader_workers, amp_dtype),
+            cfg.train.eval_every, best, progress, tracker, options.sample_images, budget=cfg.train.eval_budget,
+            # an evaluation's first guess: its images at EVAL_COST_GUESS of a training image's time
+            first_eval_ratio=EVAL_COST_GUESS * val_set.num_samples / (steps_per_epoch * plan.global_batch),
+            device=device),
         EpochLog(progress, tracker),
     ]
     if report is not None:
@@ -309,6 +316,34 @@ def run_training(
                  "train_data": options.train_data, "val_data": options.val_data}
         hooks.append(CheckpointReport(report, cfg, list(train_set.classes), optimizer, scheduler, extra))
     return TrainLoop(runner, train_loader, hooks, steps_per_epoch).train(start_epoch, epochs, plan.iterations)
+
+
+def _recipe_extra(cfg: Config, backbone: BackboneWeights | None, resume: Checkpoint | None,
+                  init_state: bool) -> tuple[str, ...]:
+    """The recipe block's lines after the schedule: where the weights come from, when the run
+    evaluates, the recipe's source and what this run changes in it."""
+    if resume is not None:
+        weights = f"from the checkpoint of epoch {resume.epoch} (iteration {resume.step})"
+    elif init_state:
+        weights = "the finetune's initial state (the source model's, classes mapped by name)"
+    elif backbone is not None:
+        weights = f"{backbone.source}, sha256 {backbone.sha256[:16]}, input {backbone.input_convention}"
+    else:
+        weights = "none: the backbone starts from random weights (model.backbone_weights unset or none)"
+    train = cfg.train
+    if train.eval_every == "auto":
+        evaluation = (f"auto: after an epoch when evaluation stays within {train.eval_budget:.0%} of the wall time "
+                      "(train.eval_budget), and after the last")
+    else:
+        evaluation = f"every {train.eval_every} epoch(s) and after the last"
+    lines = [f"weights   {weights}", f"eval      {evaluation}"]
+    if cfg.recipe.reference:
+        lines.append(f"source    {cfg.recipe.reference}")
+    changed = recipe_deviations(cfg)
+    if changed:
+        lines.append(f"changed   from {cfg.recipe.name} (its expected figure is for the recipe as written): "
+                     + ", ".join(changed))
+    return tuple(lines)
 
 
 def _length_words(cfg: Config, plan: SchedulePlan) -> str:

@@ -357,8 +357,16 @@ def entrypoint_errors(job: dict[str, Any], workdir: str) -> list[str]:
         errors.append(_location_error("--storage-path", args.storage_path, cluster, s3_ok=True))
     else:
         if script == "pipelines/pretrain_finetune.py":
-            config_error(args.config, args.pretrain)
-            config_error(args.config, args.finetune)
+            from ssd.jobs.pretrain_finetune import PipelineRequest
+
+            try:  # a two-stage recipe names each stage's preset and overrides
+                stages = PipelineRequest(config=args.config, pretrain=tuple(args.pretrain),
+                                         finetune=tuple(args.finetune)).stage_configs()
+            except (ConfigError, FileNotFoundError, ValueError) as err:
+                stages = ()
+                errors.append(f"config {args.config}: {err}")
+            for name, overrides in stages:
+                config_error(name, list(overrides))
             locations = [("--coco-data", args.coco_data, True), ("--voc-data", args.voc_data, True)]
         elif script == "pipelines/train.py":
             config_error(args.config, args.overrides)
@@ -846,8 +854,13 @@ ENTRYPOINT_CORRUPTIONS = {
     "workers != GPUs": ("pipelines/train.py", _set_entrypoint("--workers 4", "--workers 3")),
     "no --gpu": ("pipelines/pretrain_finetune.py", _set_entrypoint(" --gpu", "")),
     "bad int": ("pipelines/pretrain_finetune.py", _set_entrypoint("--workers 4", "--workers four")),
-    "unknown config key": ("pipelines/train.py", _set_entrypoint("train.batch_size=32", "train.batchsize=32")),
-    "unknown preset": ("pipelines/pretrain_finetune.py", _set_entrypoint("--config ssd300_vgg16", "--config ssd301")),
+    "unknown config key": ("pipelines/train.py", _set_entrypoint("--register-as ssd-voc",
+                                                                 "--register-as ssd-voc train.batchsize=32")),
+    "unknown preset": ("pipelines/pretrain_finetune.py",
+                       _set_entrypoint("--config ssd300_coco_to_voc", "--config ssd301")),
+    "unknown stage config key": ("pipelines/pretrain_finetune.py",
+                                 _set_entrypoint("--storage-path s3://ssd-runs/runs",
+                                                 "--storage-path s3://ssd-runs/runs --finetune optim.lrr=0.1")),
     "missing space": ("pipelines/tune.py", _set_entrypoint("tune_spaces/priors_ssd300.yaml", "tune_spaces/nope.yaml")),
     "trial larger than the cluster": ("pipelines/tune.py",
                                       _set_entrypoint("--workers-per-trial 1", "--workers-per-trial 5")),

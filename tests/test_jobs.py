@@ -74,3 +74,15 @@ def test_an_address_is_recognised_however_loopback_is_spelled():
     assert same_endpoint("127.0.0.1:6379", "localhost:6379")
     assert not same_endpoint("http://127.0.0.1:8266", "http://127.0.0.1:8265")
     assert not same_endpoint("http://10.0.0.5:8265", "http://127.0.0.1:8265")
+
+
+def test_a_missing_relative_data_path_says_where_a_submitted_job_looks(tmp_path, monkeypatch):
+    from ssd.jobs.common import BadRequest, resolve_data
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadRequest, match=r"'shards/voc/train' is relative to .*uploaded copy without git-ignored "
+                                         r"data such as shards/: give an absolute path or an s3:// prefix"):
+        resolve_data("shards/voc")
+    with pytest.raises(BadRequest) as err:  # an absolute path: no hint
+        resolve_data(str(tmp_path / "nowhere"))
+    assert "uploaded copy" not in str(err.value)

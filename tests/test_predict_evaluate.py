@@ -392,3 +392,21 @@ def test_evaluate_logs_the_run_and_tags_the_registered_version(mlflow_server, re
     linked = {m.key: m for m in client.get_logged_model(model_id).metrics or []}
     assert linked["AP"].value == pytest.approx(result["AP"]) and linked["AP"].dataset_name == "val"
     assert linked["AP"].dataset_digest == result["data_hash"][:36] and linked["AP"].run_id == run.info.run_id
+
+
+def test_evaluation_with_loader_workers_and_autocast_matches_the_plain_one(checkpoint, data):
+    """Training's validation reads with its own loader workers (the images arrive interleaved)
+    and runs the network under the run's autocast: the first must change nothing, the second
+    only what bf16 rounds (on the CPU here; bf16 on a GPU)."""
+    from ssd.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(ckpt.config)
+    model.load_state_dict(ckpt.model)
+    shard_set = ShardSet.open(str(data["voc"] / "val"))
+    plain = evaluate_model(model, ckpt.config, shard_set, "cpu", 4)
+    workers = evaluate_model(model, ckpt.config, shard_set, "cpu", 4, num_workers=2)
+    _assert_same_metrics(workers, plain)
+    assert workers["VOC07"]["mAP"] == plain["VOC07"]["mAP"]
+    amp = evaluate_model(model, ckpt.config, shard_set, "cpu", 4, amp_dtype=torch.bfloat16)
+    assert amp["AP50"] == pytest.approx(plain["AP50"], abs=0.05) and amp["AR100"] > 0

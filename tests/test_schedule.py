@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,7 +60,8 @@ def test_the_references_schedule():
     factors = [lr_factor(cfg.optim, i, plan.iterations) for i in (0, 499, 500, 79999, 80000, 99999, 100000, 119999)]
     assert factors == pytest.approx([1 / 501, 500 / 501, 1, 1, 0.1, 0.1, 0.01, 0.01])
     # milestones as fractions are the same drops, rounded up to a whole iteration
-    fractions = load_config("ssd300_vgg16", ["optim.milestones=[0.67, 0.89]", "train.epochs=1"])
+    fractions = load_config("ssd300_vgg16", ["optim.lr_steps=null", "optim.milestones=[0.67, 0.89]",
+                                            "train.max_iters=null", "train.epochs=1"])
     assert plan_schedule(fractions, 3200, 1).lr_drops == (67, 89)  # 3200 // 32 = 100 iterations
     assert plan_schedule(fractions, 3210, 2).lr_drops == (67, 89)
 
@@ -153,6 +155,11 @@ def test_max_iters_stops_mid_epoch_with_a_final_evaluation_and_checkpoint(shards
         "  warm-up   2 iterations, linear up to 0.05",
     ]
     assert "epoch 2/2 step 2/6" in out
+    # the block goes on with the weights and the evaluation rule; the run ends with evaluation's share
+    assert out[out.index("recipe:"):].splitlines()[6:8] == [
+        "  weights   none: the backbone starts from random weights (model.backbone_weights unset or none)",
+        "  eval      every 5 epoch(s) and after the last"]
+    assert re.search(r"evaluation: 1 run\(s\), [\d.]+ s of [\d.]+ s \([\d.]+ % of the wall time", out)
 
 
 def test_run_training_refuses_an_uneven_split_as_a_permanent_error(shards, monkeypatch):

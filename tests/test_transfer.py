@@ -109,7 +109,7 @@ def test_a_finetune_keeps_the_sources_model_and_priors_and_takes_the_rest_from_i
     cfg = finetune_config(source, load_config("tiny"), ["optim.momentum=0.8"], num_classes=21)
     assert cfg.priors == source.priors and cfg.priors.s_min == 0.15  # what the weights were trained for
     assert cfg.model.num_classes == 21 and cfg.model.backbone_weights is None and cfg.model.arch == "tiny"
-    assert (cfg.optim.lr, cfg.train.eval_every, cfg.optim.momentum) == (0.05, 1, 0.8)  # the base's, then overrides
+    assert (cfg.optim.lr, cfg.train.eval_every, cfg.optim.momentum) == (0.05, "auto", 0.8)  # the base's, then overrides
     alone = finetune_config(source, None, [], num_classes=21)  # no base: the source's training settings
     assert (alone.optim.lr, alone.train.eval_every) == (0.3, 10)
 

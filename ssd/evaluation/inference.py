@@ -39,10 +39,14 @@ class BatchPredictor:
         cfg: its config: ``augment`` (mean, std), ``postprocess`` (thresholds, NMS) and
             ``train.channels_last``.
         device: where the network runs.
+        amp_dtype: run the network under autocast to this dtype (bf16 on a GPU; None: fp32);
+            decoding and NMS always take float32 outputs.
     """
 
-    def __init__(self, model: nn.Module, cfg: Config, device: torch.device | str) -> None:
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device | str,
+                 amp_dtype: torch.dtype | None = None) -> None:
         self.model, self.cfg, self.device = model, cfg, torch.device(device)
+        self.amp_dtype = amp_dtype
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
     def __call__(self, images: Tensor, image_sizes: Tensor | None = None) -> list[dict[str, Tensor]]:
@@ -51,4 +55,4 @@ class BatchPredictor:
         height, width, on ``device``) or in [0, 1] when it is None, ``scores`` (K,), ``labels``
         (K,) in 1..C; on ``device``."""
         batch = network_input(images, self.cfg, self.device, self.memory_format)
-        return predict(self.model, batch, self.cfg.postprocess, image_sizes=image_sizes)
+        return predict(self.model, batch, self.cfg.postprocess, image_sizes=image_sizes, amp_dtype=self.amp_dtype)

@@ -41,15 +41,17 @@ def is_voc(shard_set: ShardSet) -> bool:
 
 
 def eval_loader(cfg: Config, shard_set: ShardSet, batch_size: int, rank: int = 0,
-                world_size: int = 1) -> ShardLoader:
-    """Batches of rank ``rank``'s split of ``shard_set`` through the evaluation transform.
+                world_size: int = 1, num_workers: int = 0) -> ShardLoader:
+    """Batches of rank ``rank``'s split of ``shard_set`` through the evaluation transform, read
+    and resized by ``num_workers`` loader processes (0: in this process).
 
-    Every sample of the split once, in shard order, in full batches except the last; images
+    Every sample of the split once (in shard order with one process; the workers' batches
+    interleave otherwise), in full batches except the last; images
     uint8 (B, 3, S, S); targets with ``boxes`` in [0, 1] of the network input, ``labels``,
     ``image_id``, ``orig_size`` (H, W) and the ``difficult`` / ``iscrowd`` flags.
     """
     stream = ShardStream(shard_set, eval_transform(cfg), train=False, rank=rank, world_size=world_size)
-    return ShardLoader(stream, batch_size, num_workers=0)
+    return ShardLoader(stream, batch_size, num_workers=num_workers)
 
 
 def _all_gather(state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -91,6 +93,8 @@ def evaluate_on_shards(
     world_size: int = 1,
     voc: bool | None = None,
     gather: Gather | None = None,
+    num_workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, Any] | None:
     """The validation metrics of ``model`` on ``shard_set``, computed on rank 0.
 
@@ -109,6 +113,9 @@ def evaluate_on_shards(
         voc: also compute the VOC07 mAP; None: for sets converted from VOC (:func:`is_voc`).
         gather: hands this rank's evaluator state to the others and returns every rank's; by
             default ``torch.distributed.all_gather_object`` (only used when ``world_size > 1``).
+        num_workers: loader processes that read and resize the images (:func:`eval_loader`).
+        amp_dtype: the network under autocast to this dtype (training's validation on a GPU
+            uses the run's bf16); None: float32. Decoding and NMS are float32 either way.
     Returns:
         On rank 0, :func:`results_from_states` of every rank's images; None on other ranks.
     Raises:
@@ -121,10 +128,10 @@ def evaluate_on_shards(
         raise ValueError(f"model.num_classes is {cfg.model.num_classes} but the shards have {len(classes)} "
                          f"classes + background = {shard_set.num_classes}")
     device = torch.device(device)
-    predictor = BatchPredictor(unwrap(model), cfg, device)
+    predictor = BatchPredictor(unwrap(model), cfg, device, amp_dtype)
     predictor.model.to(device, memory_format=predictor.memory_format).eval()
     evaluator = CocoEvaluator(classes)
-    for images, targets in eval_loader(cfg, shard_set, batch_size, rank, world_size):
+    for images, targets in eval_loader(cfg, shard_set, batch_size, rank, world_size, num_workers):
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         detections = predictor(images, image_sizes=sizes)
         for det, target, (height, width) in zip(detections, targets, sizes.tolist(), strict=True):

@@ -58,12 +58,19 @@ def local_path(spec: str) -> str:
     return spec if "://" in spec or spec.startswith("pipe:") else str(Path(spec).expanduser().resolve())
 
 
-def open_shards(spec: str, what: str) -> ShardSet:
-    """``ShardSet.open(spec)``, or :class:`BadRequest` naming ``what`` (training, validation)."""
+def open_shards(spec: str, what: str, given: str | None = None) -> ShardSet:
+    """``ShardSet.open(spec)``, or :class:`BadRequest` naming ``what`` (training, validation).
+    ``given``: the spec as the user wrote it; a relative path that is not there gets a hint."""
     try:
         return ShardSet.open(spec)
     except (OSError, ValueError) as err:  # missing, malformed, or storage refusing access
-        raise BadRequest(f"{what} shards {spec!r}: {err}") from None
+        hint = ""
+        if given and "://" not in given and not Path(given).expanduser().is_absolute() and not Path(spec).exists():
+            # `ray job submit --working-dir .` runs the driver in an uploaded copy of the
+            # checkout, without its git-ignored data (shards/): a relative path finds nothing there
+            hint = (f" ({given!r} is relative to {Path.cwd()}; a job submitted with --working-dir runs in an "
+                    "uploaded copy without git-ignored data such as shards/: give an absolute path or an s3:// prefix)")
+        raise BadRequest(f"{what} shards {spec!r}: {err}{hint}") from None
 
 
 @dataclass(frozen=True)
@@ -106,8 +113,9 @@ def resolve_data(
         ensure_synthetic_shards(home, *(SMOKE_TEST_COUNTS if smoke_test else SYNTHETIC_COUNTS),
                                 log=lambda line: print(line, flush=True))
         train_spec, val_spec = train_spec or str(home / "train"), val_spec or str(home / "val")
+    given = train_spec, val_spec
     train_spec, val_spec = local_path(train_spec), local_path(val_spec)
-    train_set, val_set = open_shards(train_spec, "training"), open_shards(val_spec, "validation")
+    train_set, val_set = open_shards(train_spec, "training", given[0]), open_shards(val_spec, "validation", given[1])
     if list(train_set.classes) != list(val_set.classes):
         raise BadRequest(f"training and validation shards have different classes: {list(train_set.classes)} "
                          f"vs {list(val_set.classes)}")

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+from ssd.config import ConfigError
 from ssd.jobs.common import BadRequest, JobError, resolve_data
 from ssd.jobs.train import TrainRequest, train_config
 from ssd.tracking import resolve_tracking_uri
@@ -65,10 +66,23 @@ class PipelineRequest:
         """The model stage 2 starts from: ``from_registry``, else stage 1's champion."""
         return self.from_registry or f"models:/{self.coco_name}@{self.alias}"
 
-    def finetune_config_name(self) -> str | None:
-        """Stage 2's ``--config``: stage 1's preset (its training settings, not stage 1's
-        overrides), or with ``from_registry`` the one given (None: all of the registry model's)."""
-        return (self.config or "tiny") if self.runs_stage1 else self.config
+    def stage_configs(self) -> tuple[tuple[str, tuple[str, ...]], tuple[str | None, tuple[str, ...]]]:
+        """((stage 1's config, overrides), (stage 2's config, overrides)).
+
+        A two-stage recipe (``--config ssd300_coco_to_voc``, ``ssd.config.read_stages``) names
+        each stage's preset and overrides; ``--pretrain`` / ``--finetune`` come after them.
+        Otherwise stage 1 is ``--config`` (default tiny) and stage 2 the same preset (its training
+        settings, not stage 1's overrides), or with ``from_registry`` the one given (None: all of
+        the registry model's)."""
+        from ssd.config import read_stages
+
+        stages = read_stages(self.config) if self.config else None
+        if stages is not None:
+            pre, fine = stages["pretrain"], stages["finetune"]
+            return ((pre["config"], (*pre["overrides"], *self.pretrain)),
+                    (fine["config"], (*fine["overrides"], *self.finetune)))
+        finetune = (self.config or "tiny") if self.runs_stage1 else self.config
+        return (self.config or "tiny", tuple(self.pretrain)), (finetune, tuple(self.finetune))
 
 
 @dataclass(frozen=True)
@@ -91,13 +105,17 @@ def stage_requests(request: PipelineRequest, name: str, tracking_uri: str) -> tu
         loader_workers=request.loader_workers, amp=request.amp, max_failures=request.max_failures,
         keep_checkpoints=request.keep_checkpoints, alias=request.alias, eval_device=request.eval_device,
         address=request.address, storage_path=request.storage_path)
-    pretrain = replace(common, config=request.config or "tiny", data=request.coco_data,
+    try:
+        (config1, overrides1), (config2, overrides2) = request.stage_configs()
+    except ConfigError as err:
+        raise BadRequest(f"config: {err}") from None
+    pretrain = replace(common, config=config1, data=request.coco_data,
                        register_as=request.coco_name, name=f"{name}-pretrain", epochs=request.pretrain_epochs,
-                       overrides=tuple(request.pretrain))
-    finetune = replace(common, config=request.finetune_config_name(), init_from=request.source_ref,
+                       overrides=overrides1)
+    finetune = replace(common, config=config2, init_from=request.source_ref,
                        data=request.voc_data, register_as=request.voc_name, name=f"{name}-finetune",
                        freeze_backbone_epochs=request.freeze_backbone_epochs, epochs=request.finetune_epochs,
-                       overrides=tuple(request.finetune))
+                       overrides=overrides2)
     return pretrain, finetune
 
 
@@ -144,7 +162,7 @@ def plan_pipeline(request: PipelineRequest) -> PipelinePlan:
             for warning in check_compatible(source_config, cfg2):
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
         except IncompatibleModels as err:
-            origin = f"stage 1 ({request.config or 'tiny'})" if stage1 else request.source_ref
+            origin = f"stage 1 ({pretrain.config})" if stage1 else request.source_ref
             raise PipelineError(f"the finetune config does not fit the model of {origin}: {err}") from None
     return PipelinePlan(name=name, tracking_uri=uri, source_ref=request.source_ref,
                         pretrain=pretrain if stage1 else None,

@@ -128,13 +128,15 @@ def resolve_sweep(request: SweepRequest) -> ResolvedSweep:
         return _resumed_sweep(request, storage_path)
     if not request.space:
         raise BadRequest("--space is required (e.g. tune_spaces/priors.yaml)")
-    overrides = list(request.overrides) + ["train.eval_every=1"]  # ASHA compares mAP every epoch
-    if request.epochs:
-        overrides += epochs_overrides(request.epochs)
-    if request.smoke_test:
-        overrides = [*epochs_overrides(2), "train.batch_size=8", "optim.warmup_iters=5", *overrides]
     data = resolve_data(request.data, smoke_test=request.smoke_test)
     try:
+        preset = load_config(request.config)
+        overrides = list(request.overrides) + ["train.eval_every=1"]  # ASHA compares mAP every epoch
+        if request.epochs:
+            overrides += epochs_overrides(request.epochs, preset, request.overrides)
+        if request.smoke_test:
+            overrides = [*epochs_overrides(2, preset, request.overrides), "train.batch_size=8", "optim.warmup_iters=5",
+                         *overrides]
         base = load_config(request.config, [f"model.num_classes={data.train_set.num_classes}", *overrides])
     except ConfigError as err:
         raise BadRequest(f"config: {err}") from None

@@ -66,15 +66,19 @@ class TrainRequest:
     smoke_test: bool = False
     overrides: tuple[str, ...] = ()
 
-    def config_overrides(self) -> list[str]:
-        """The config overrides the request makes: ``overrides``, then the shorthands
-        (``epochs``, ``freeze_backbone_epochs``); ``smoke_test``'s come first. ``--epochs N``
-        (and the smoke test's 2 epochs) set the run's length: they clear ``train.max_iters``."""
-        overrides = list(self.overrides) + (epochs_overrides(self.epochs) if self.epochs else [])
+    def config_overrides(self, base: Config | None = None) -> list[str]:
+        """The config overrides the request makes on ``base`` (the config they apply to):
+        ``overrides``, then the shorthands (``epochs``, ``freeze_backbone_epochs``);
+        ``smoke_test``'s come first. ``--epochs N`` (and the smoke test's 2 epochs) set the run's
+        length: they clear ``train.max_iters`` and keep the lr drops at the same fractions of the
+        run (:func:`epochs_overrides`)."""
+        overrides = list(self.overrides)
+        if self.epochs:
+            overrides += epochs_overrides(self.epochs, base, self.overrides)
         if self.freeze_backbone_epochs is not None:
             overrides.append(f"train.freeze_backbone_epochs={self.freeze_backbone_epochs}")
         if self.smoke_test:
-            overrides = [*epochs_overrides(2), "train.batch_size=8", *overrides]
+            overrides = [*epochs_overrides(2, base, self.overrides), "train.batch_size=8", *overrides]
         return overrides
 
     def argv(self) -> list[str]:
@@ -93,10 +97,21 @@ class TrainRequest:
         return out + list(self.overrides)
 
 
-def epochs_overrides(epochs: int) -> list[str]:
+def epochs_overrides(epochs: int, base: Config | None = None, user: tuple[str, ...] | list[str] = ()) -> list[str]:
     """The overrides of an ``--epochs N`` shorthand: the length in epochs, ``train.max_iters``
-    cleared (a preset may give the length in iterations; exactly one of the two may be set)."""
-    return ["train.max_iters=null", f"train.epochs={epochs}"]
+    cleared (a preset may give the length in iterations; exactly one of the two may be set).
+
+    When ``base`` gives its lr drops in iterations of its ``max_iters`` (``optim.lr_steps``, the
+    recipes: 80k and 100k of 120k), they become the same fractions of the new length
+    (``optim.milestones``), so a shorter run still drops its lr; unless the ``user`` overrides
+    set the drops themselves."""
+    out = ["train.max_iters=null", f"train.epochs={epochs}"]
+    optim, train = (base.optim, base.train) if base is not None else (None, None)
+    user_drops = any(o.split("=", 1)[0].strip() in ("optim.lr_steps", "optim.milestones") for o in user)
+    if optim is not None and optim.lr_steps and train.max_iters and optim.schedule == "multistep" and not user_drops:
+        fractions = [round(step / train.max_iters, 9) for step in optim.lr_steps if step < train.max_iters]
+        out += ["optim.lr_steps=null", f"optim.milestones={fractions}"]
+    return out
 
 
 def check_schedule(cfg: Config, num_train_samples: int, workers: int) -> Any:
@@ -167,18 +182,20 @@ def train_config(request: TrainRequest, num_classes: int, *, source_config: Conf
     trained with ``source_config``, its model and priors sections and the rest from
     ``request.config`` or the source (``ssd.transfer.finetune_config``); else ``request.config``
     (default tiny). Raises BadRequest for unknown keys and invalid values."""
-    overrides = request.config_overrides()
     try:
         from ssd.config import apply_overrides, config_from_dict
 
         if resumed_config is not None:
+            overrides = request.config_overrides(resumed_config)
             return config_from_dict(apply_overrides(resumed_config.to_dict(), overrides))
         if source_config is not None:  # the source's model and priors; the rest from --config or the source
             from ssd.transfer import finetune_config
 
             base = load_config(request.config) if request.config else None
-            return finetune_config(source_config, base, overrides, num_classes)
-        return load_config(request.config or "tiny", [f"model.num_classes={num_classes}", *overrides])
+            return finetune_config(source_config, base, request.config_overrides(base or source_config), num_classes)
+        preset = request.config or "tiny"
+        overrides = request.config_overrides(load_config(preset) if request.epochs or request.smoke_test else None)
+        return load_config(preset, [f"model.num_classes={num_classes}", *overrides])
     except ConfigError as err:
         raise BadRequest(f"config: {err}") from None
 
