@@ -282,6 +282,12 @@ class TrainConfig:
     #: NHWC activations: faster convolutions on GPUs and on this CPU (VGG16-SSD300 1.19x, tiny
     #: 1.29x for a training step, measured with oneDNN in torch 2.14)
     channels_last: bool = True
+    #: wrap the model's forward and the loss in torch.compile (ssd.engine.StepRunner)
+    compile: bool = False
+    #: where the SSD augmentation runs: "cpu" (loader workers, per image), "device" (batched on
+    #: the training device after decoding there; ssd.data.device_augment), "auto" (device on a
+    #: GPU, cpu otherwise)
+    augment_on: str = "auto"
 
     def __post_init__(self) -> None:
         if self.epochs is None and self.max_iters is None:
@@ -298,6 +304,8 @@ class TrainConfig:
             # more than train.epochs is allowed: the backbone then stays frozen for the whole run
             freeze_backbone_epochs=Int(">= 0"),
             channels_last=Bool(),
+            compile=Bool(),
+            augment_on=OneOf(("auto", "cpu", "device")),
         )
         if self.epochs is not None and self.max_iters is not None:
             raise ConfigError(

@@ -182,7 +182,8 @@ def plan_schedule(cfg: Config, num_train_samples: int, world_size: int) -> Sched
 
 
 #: keys that do not change what a recipe trains (how often it is scored, the memory layout)
-_RECIPE_NEUTRAL = ("train.eval_every", "train.eval_budget", "train.channels_last", "train.seed")
+_RECIPE_NEUTRAL = ("train.eval_every", "train.eval_budget", "train.channels_last", "train.seed", "train.compile",
+                   "train.augment_on")
 
 
 def recipe_deviations(cfg: Config) -> list[str]:
