@@ -81,7 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--gpu", dest="use_gpu", action="store_true", default=None)
     gpu.add_argument("--cpu", dest="use_gpu", action="store_false")
     ray_group.add_argument("--cpus-per-worker", type=float, default=1.0)
-    ray_group.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
+    ray_group.add_argument("--loader-workers", type=int, default=None,
+                           help="DataLoader processes per worker (default: --cpus-per-worker minus 1 on GPU workers, "
+                                "0 on CPU workers)")
     ray_group.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"])
     ray_group.add_argument("--max-failures", type=int, default=2)
     ray_group.add_argument("--keep-checkpoints", type=int, default=3)

@@ -71,8 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", help="folder with train/ and val/ shard sets (default: the synthetic dataset)")
     data.add_argument("--train", help="training shard set (overrides --data)")
     data.add_argument("--val", help="validation shard set (overrides --data)")
-    data.add_argument("--loader-workers", type=int, default=0,
-                      help="DataLoader processes per worker (default 0: load in the worker; best with few CPUs)")
+    data.add_argument("--loader-workers", type=int, default=None,
+                      help="DataLoader processes per worker (default: --cpus-per-worker minus 1 on GPU workers, "
+                           "0 on CPU workers, which load in the training process)")
     scale = p.add_argument_group("Ray")
     scale.add_argument("--workers", type=int, default=2, help="training workers = DDP processes (default 2)")
     gpu = scale.add_mutually_exclusive_group()

@@ -57,8 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    p.add_argument("--loader-workers", type=int, default=0,
-                   help="DataLoader processes per training worker (default 0; a few per GPU worker)")
+    p.add_argument("--loader-workers", type=int, default=None,
+                   help="DataLoader processes per training worker (default: --cpus-per-worker minus 1 on GPU "
+                        "workers, 0 on CPU workers)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"], help="as pipelines/train.py")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds)")
     p.add_argument("--address", default=None, help="Ray address (as pipelines/train.py)")

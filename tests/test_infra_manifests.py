@@ -373,7 +373,9 @@ def entrypoint_errors(job: dict[str, Any], workdir: str) -> list[str]:
             train = args.train or (f"{args.data}/train" if args.data else None)
             val = args.val or (f"{args.data}/val" if args.data else None)
             locations = [("--train", train, True), ("--val", val, True)]
-            if args.cpus_per_worker + args.loader_workers > pod_cpus:
+            from ssd.jobs.common import loader_workers_for
+
+            if args.cpus_per_worker + loader_workers_for(args.loader_workers, True, args.cpus_per_worker) > pod_cpus:
                 errors.append(f"--cpus-per-worker + --loader-workers > a worker pod's {pod_cpus} CPUs")
         else:
             return [f"{script}: no RayJob check for this script"]

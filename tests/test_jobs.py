@@ -86,3 +86,14 @@ def test_a_missing_relative_data_path_says_where_a_submitted_job_looks(tmp_path,
     with pytest.raises(BadRequest) as err:  # an absolute path: no hint
         resolve_data(str(tmp_path / "nowhere"))
     assert "uploaded copy" not in str(err.value)
+
+
+def test_loader_workers_default_to_the_gpu_workers_cpus_minus_one():
+    from ssd.jobs.common import loader_workers_for
+
+    assert loader_workers_for(None, True, 8.0) == 7  # one CPU stays with the training process
+    assert loader_workers_for(None, True, 1.0) == 0
+    assert loader_workers_for(None, False, 8.0) == 0  # CPU workers compute with their CPUs
+    assert loader_workers_for(3, True, 8.0) == 3 and loader_workers_for(0, True, 8.0) == 0
+    with pytest.raises(ValueError, match="--loader-workers must be >= 0, got -1"):
+        loader_workers_for(-1, True, 8.0)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ssd import storage
-from ssd.jobs.common import JobError, JobInterrupted
+from ssd.jobs.common import JobError, JobInterrupted, loader_workers_for
 from ssd.jobs.sweep import SETUP_FILE, ResolvedSweep, SweepRequest, prescreen_boxes, resolve_sweep
 from ssd.jobs.train import resolve_backbone
 from ssd.search_space import trial_config
@@ -107,7 +107,9 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
 
     gt = prescreen_boxes(resolved.train_spec, options.prescreen_images) if options.min_prior_recall else None
     run_options = RunOptions(train_data=resolved.train_spec, val_data=resolved.val_spec, log_every=10**6,
-                             sample_images=4, loader_workers=options.loader_workers, amp=options.amp)
+                             sample_images=4, amp=options.amp,
+                             loader_workers=loader_workers_for(options.loader_workers, scaling.use_gpu,
+                                                               scaling.cpus_per_worker))
     setup = SweepSetup(base_config=resolved.base, options=run_options, scaling=scaling,
                        storage_path=resolved.storage, sweep_name=resolved.name,
                        tracking_uri=tracker.uri if parent_id else None, experiment=options.experiment,

@@ -25,7 +25,7 @@ from ssd.distributed.cluster import (
     machine_resources,
 )
 from ssd.distributed.cluster import plan as plan_cluster
-from ssd.jobs.common import JobError
+from ssd.jobs.common import JobError, loader_workers_for
 from ssd.jobs.train import TrainRequest, print_summary, resolve_train
 
 
@@ -84,7 +84,8 @@ def run_train_job(request: TrainRequest) -> dict[str, Any]:
     run_id = tracker.run_id if tracker is not None and tracker.active else None
     uri = tracker.uri if tracker is not None else None
     options = RunOptions(train_data=resolved.train_spec, val_data=resolved.val_spec,
-                         loader_workers=request.loader_workers, log_every=request.log_every, amp=request.amp,
+                         loader_workers=loader_workers_for(request.loader_workers, use_gpu, request.cpus_per_worker),
+                         log_every=request.log_every, amp=request.amp,
                          tracking_uri=uri, mlflow_run_id=run_id, inject_failure=request.inject_failure)
     print(f"run {resolved.name}: {scaling.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s); checkpoints "
           f"in {resolved.run_dir}" + (f"; MLflow run {run_id} at {uri}" if run_id else "; MLflow off"), flush=True)

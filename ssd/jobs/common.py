@@ -49,6 +49,18 @@ def request_from_args(cls: type[R], args: Any, **changes: Any) -> R:
     return cls(**(kept | changes))
 
 
+def loader_workers_for(requested: int | None, use_gpu: bool, cpus_per_worker: float) -> int:
+    """DataLoader processes per training worker: ``requested`` when given (``--loader-workers``),
+    else the worker's CPUs minus one on a GPU worker (one CPU stays with the training process;
+    the others decode and augment, which a GPU step outpaces), and 0 on a CPU worker (its CPUs
+    compute the step; loading in the same process costs least there)."""
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"--loader-workers must be >= 0, got {requested}")
+        return requested
+    return max(int(cpus_per_worker) - 1, 0) if use_gpu else 0
+
+
 def default_storage_path() -> str:
     return os.environ.get("SSD_STORAGE_PATH") or str(Path.home() / ".cache" / "ssd-ray" / "runs")
 

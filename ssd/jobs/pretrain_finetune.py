@@ -47,7 +47,7 @@ class PipelineRequest:
     workers: int = 2
     use_gpu: bool | None = None
     cpus_per_worker: float = 1.0
-    loader_workers: int = 0
+    loader_workers: int | None = None  # None: ssd.jobs.common.loader_workers_for
     amp: str = "auto"
     max_failures: int = 2
     keep_checkpoints: int = 3

@@ -44,7 +44,7 @@ class SweepRequest:
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
     gpu: bool = False
-    loader_workers: int = 0
+    loader_workers: int | None = None  # None: ssd.jobs.common.loader_workers_for
     amp: str = "auto"
     max_concurrent: int | None = None
     address: str | None = None

@@ -38,7 +38,7 @@ class TrainRequest:
     data: str | None = None
     train: str | None = None
     val: str | None = None
-    loader_workers: int = 0
+    loader_workers: int | None = None  # None: ssd.jobs.common.loader_workers_for
     workers: int = 2
     use_gpu: bool | None = None  # None: GPUs if the cluster has one per worker
     cpus_per_worker: float = 1.0
