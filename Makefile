@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo quickstart test test-fast bench lint clean up down
+.PHONY: venv demo quickstart test test-fast bench gpu-check lint clean up down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test-fast: venv
 ## bench: side-by-side benchmarks against torchvision; tables in docs/BENCHMARKS.md
 bench: venv
 	$(PY) benchmarks/run_all.py
+
+## gpu-check: one-GPU check (issue 17), <= 8 min: ours vs torchvision throughput and MFU, the
+## real loader end to end, a learning check, Ray with one GPU worker, torch.compile; JSON and
+## markdown in $OUT (default benchmarks/results/gpu_check/). GPU_CHECK_DRY=1: tiny, on the CPU
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py
 
 ## up / down: a local Ray head and MLflow server on 127.0.0.1 (infra/local/start.sh, stop.sh)
 up: venv

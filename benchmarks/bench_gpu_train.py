@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     losses: dict[str, list[float]] = {"ours": [], "peer": []}
 
     def ours_step():
-        losses["ours"].append(trainer.step(images, ours_targets)["loss"])
+        # the step returns device tensors; float() reads it, as the peer side reads loss.item()
+        losses["ours"].append(float(trainer.step(images, ours_targets)["loss"]))
 
     def peer_step():
         with autocast():

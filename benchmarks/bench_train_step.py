@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     losses: dict[str, list[float]] = {"ours": [], "peer": []}
 
     def ours_step():
-        losses["ours"].append(trainer.step(ours_images, ours_targets)["loss"])
+        # the step returns device tensors; float() reads it, as the peer side reads loss.item()
+        losses["ours"].append(float(trainer.step(ours_images, ours_targets)["loss"]))
 
     def peer_step():
         loss_dict = tv_model(tv_images, tv_targets)

@@ -285,7 +285,7 @@ class TrainConfig:
     #: wrap the model's forward and the loss in torch.compile (ssd.engine.StepRunner)
     compile: bool = False
     #: where the SSD augmentation runs: "cpu" (loader workers, per image), "device" (batched on
-    #: the training device after decoding there; ssd.data.device_augment), "auto" (device on a
+    #: the training device after decoding there; ssd.device_augment), "auto" (device on a
     #: GPU, cpu otherwise)
     augment_on: str = "auto"
 

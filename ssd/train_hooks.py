@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ssd.checkpoint import save_checkpoint, unwrap
+from ssd.engine import metrics_to_host
 from ssd.train_loop import HookBase
 
 #: the checkpoint score: COCO AP@[.5:.95] on the validation shards
@@ -178,7 +179,8 @@ class Progress:
 
 class StepProgress(HookBase):
     """Every ``log_every`` steps (and at an epoch's last): the progress line and, with a tracker,
-    the step metrics with the global throughput since the last line."""
+    the step metrics with the global throughput since the last line. The only place a step's
+    device metrics are read (and a non-finite loss since the last line raises: ``check_finite``)."""
 
     def __init__(self, progress: Progress, log_every: int, global_batch: int, tracker: Any | None) -> None:
         self.progress, self.log_every, self.global_batch, self.tracker = progress, log_every, global_batch, tracker
@@ -189,8 +191,10 @@ class StepProgress(HookBase):
     def after_step(self) -> None:
         self.progress.steps_done += 1
         self.window_steps += 1
-        step, metrics = self.loop.step, self.loop.step_metrics
+        step = self.loop.step
         if step % self.log_every == 0 or step == self.loop.epoch_steps:
+            self.loop.runner.check_finite()
+            metrics = metrics_to_host(self.loop.step_metrics)
             rate = self.window_steps * self.global_batch / max(time.perf_counter() - self.window_start, 1e-9)
             self.progress.step(self.loop.epoch_number, step, metrics, rate)
             if self.tracker is not None:
@@ -373,5 +377,6 @@ class CheckpointReport(HookBase):
         save = functools.partial(
             save_checkpoint, model=self.loop.runner.model, epoch=self.loop.epoch_number, step=self.loop.runner.iteration,
             config=self.cfg, classes=self.classes, optimizer=self.optimizer, scheduler=self.scheduler,
+            scaler=self.loop.runner.scaler,  # fp16's loss scale (None otherwise)
             metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))}, extra=self.extra)
         self.report(dict(metrics), save if world()[0] == 0 else None)

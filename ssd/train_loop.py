@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ssd.engine import Batch, MeanMeter, StepRunner
+from ssd.engine import Batch, MeanMeter, StepMetrics, StepRunner
 
 
 class HookBase:
@@ -40,10 +40,11 @@ class TrainLoop:
     """Epochs of ``runner.step`` over ``loader`` with hooks around every epoch and step.
 
     State for hooks: ``epoch`` (0-based), ``epoch_number`` (1-based), ``step`` (1-based within
-    the epoch), ``step_metrics`` (the last step's losses and lr), ``meter`` (the epoch's running
-    means), ``epoch_metrics`` (what ``after_epoch`` hooks fill in, in order), ``epochs``,
-    ``steps_per_epoch`` (of a full pass), ``epoch_steps`` (of this epoch: fewer in a last epoch
-    that ``max_iters`` cuts short), ``max_iters``.
+    the epoch), ``step_metrics`` (the last step's losses as detached 0-d device tensors, and
+    the float lr: ``ssd.engine.metrics_to_host`` reads them), ``meter`` (the epoch's running
+    means, summed on the device), ``epoch_metrics`` (what ``after_epoch`` hooks fill in, in
+    order), ``epochs``, ``steps_per_epoch`` (of a full pass), ``epoch_steps`` (of this epoch:
+    fewer in a last epoch that ``max_iters`` cuts short), ``max_iters``.
     """
 
     def __init__(self, runner: StepRunner, loader: Iterable[Batch], hooks: Sequence[HookBase] = (),
@@ -56,7 +57,7 @@ class TrainLoop:
         self.epoch = self.step = 0
         self.epochs = self.epoch_steps = 0
         self.max_iters: int | None = None
-        self.step_metrics: dict[str, float] = {}
+        self.step_metrics: StepMetrics = {}
         self.epoch_metrics: dict[str, Any] = {}
         self.meter = MeanMeter()
 
@@ -79,7 +80,11 @@ class TrainLoop:
         """Run epochs ``start_epoch`` .. ``epochs - 1``; with ``max_iters``, stop as soon as the
         runner has made that many optimizer steps (``runner.iteration``), possibly mid-epoch:
         that epoch's ``after_epoch`` hooks still run, and it is the last. Returns the last
-        epoch's metrics."""
+        epoch's metrics.
+
+        Steps never wait for the device; a non-finite loss raises ``FloatingPointError`` at the
+        next log point (``StepProgress``) or, at the latest, at the epoch's end, before any
+        ``after_epoch`` hook (evaluation, checkpoint) sees the broken weights."""
         self.epochs, self.max_iters = epochs, max_iters
         self._call("before_train")
         for self.epoch in range(start_epoch, epochs):
@@ -97,6 +102,7 @@ class TrainLoop:
                 self._call("after_step")
                 if self.step >= self.epoch_steps < self.steps_per_epoch:  # max_iters reached mid-epoch
                     break
+            self.runner.check_finite()
             self._call("after_epoch")
         self._call("after_train")
         return self.epoch_metrics

@@ -104,7 +104,8 @@ class RunOptions:
     loader_workers: int = 0
     #: print and log step metrics every this many steps
     log_every: int = 20
-    #: "auto" (bf16 on GPUs that support it, else fp32), "bf16" or "none"
+    #: "auto" (bf16 on GPUs that support it, fp16 with a loss scaler on older GPUs, fp32 off
+    #: CUDA), "bf16" or "none"
     amp: str = "auto"
     #: MLflow run the ranks log into (created by the driver); None: no tracking
     tracking_uri: str | None = None
@@ -120,7 +121,8 @@ class RunOptions:
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device`` (None: fp32).
 
-    bf16 only: it needs no loss scaling (fp16 would need a GradScaler, which the step has not).
+    ``auto``: bf16 on CUDA GPUs that have it (Ampere and later: no loss scaling needed), fp16 on
+    those without (V100, T4: ``StepRunner`` then adds a GradScaler), fp32 off CUDA.
     """
     if amp not in ("auto", "bf16", "none"):
         raise ValueError(f"amp must be auto, bf16 or none, got {amp!r}")
@@ -128,11 +130,12 @@ def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if device.type != "cuda":
         raise ValueError(f"amp=bf16 needs a CUDA device, the run is on {device}")
-    if torch.cuda.is_bf16_supported():
+    # including_emulation=False: pre-Ampere GPUs "support" bf16 only by slow emulation
+    if torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     if amp == "bf16":
         raise ValueError(f"amp=bf16: {torch.cuda.get_device_name(device)} has no bf16 support")
-    return None
+    return torch.float16
 
 
 def _parse_failure(spec: str | None) -> tuple[int, int, int] | None:
@@ -260,11 +263,26 @@ def run_training(
         model = freeze.wrap()
         optimizer = build_optimizer(model, cfg.optim)
         # normalize=False: loaders hand over uint8 batches; the step normalises them on the device
-        train_tf = build_transform(cfg.priors.image_size, cfg.augment.strength, train=True, mean=cfg.augment.mean,
-                                   normalize=False)
-        train_loader = ShardLoader(
-            ShardStream(train_set, train_tf, train=True, rank=rank, world_size=world_size, seed=cfg.train.seed),
-            plan.per_worker_batch, num_workers=options.loader_workers, pin_memory=device.type == "cuda")
+        augment_on = cfg.train.augment_on
+        if augment_on == "auto":
+            augment_on = "device" if device.type == "cuda" else "cpu"
+        if augment_on == "device":
+            # loader workers only read JPEG bytes and draw the parameters (ssd.transforms'
+            # one sampler); the batch is decoded and augmented on the training device
+            from ssd.device_augment import DeviceAugment, DeviceAugmentLoader
+
+            augment = DeviceAugment(cfg.priors.image_size, cfg.augment.strength, tuple(cfg.augment.mean))
+            train_loader = DeviceAugmentLoader(ShardLoader(
+                ShardStream(train_set, train=True, rank=rank, world_size=world_size, seed=cfg.train.seed,
+                            prepare=augment.prepare),
+                plan.per_worker_batch, num_workers=options.loader_workers, pin_memory=device.type == "cuda"),
+                augment, device)
+        else:
+            train_tf = build_transform(cfg.priors.image_size, cfg.augment.strength, train=True,
+                                       mean=cfg.augment.mean, normalize=False)
+            train_loader = ShardLoader(
+                ShardStream(train_set, train_tf, train=True, rank=rank, world_size=world_size, seed=cfg.train.seed),
+                plan.per_worker_batch, num_workers=options.loader_workers, pin_memory=device.type == "cuda")
         steps_per_epoch = len(train_loader)
         if steps_per_epoch == 0:
             raise ValueError(f"{options.train_data}: {train_set.num_samples} training samples over {world_size} "
@@ -275,7 +293,9 @@ def run_training(
 
     best = NOT_EVALUATED
     if resume is not None:
-        restore(resume, model, optimizer, scheduler)
+        # the fp16 loss scale too (a checkpoint of a bf16 / fp32 run has none: the scaler starts fresh)
+        restore(resume, model, optimizer, scheduler,
+                scaler=runner.scaler if runner.scaler is not None and resume.scaler is not None else None)
         runner.iteration = resume.step
         best = resume.metrics.get("best_mAP", NOT_EVALUATED)
     # epochs are passes of steps_per_epoch steps (the plan's iterations per epoch, or a few fewer

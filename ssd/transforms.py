@@ -35,7 +35,9 @@ worker with the same state and would repeat the same augmentations in each of th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -209,7 +211,8 @@ def _mod6(x: Tensor) -> Tensor:
 def _hcv_to_rgb(hue6: Tensor, chroma: Tensor, value: Tensor) -> Tensor:
     """Inverse of :func:`_rgb_to_hcv` by the closed-form HSV -> RGB: channel (R, G, B) =
     V - C * clamp(min(k, 4 - k), 0, 1) with k = (n + 6 H) mod 6 and n = 5, 3, 1. -> (3, H, W)."""
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=hue6.dtype).view(3, 1, 1)
+    # (3, 1, ..., 1) on hue6's device: also works for a batch laid out channel-first, (3, B, H, W)
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=hue6.dtype, device=hue6.device).view(3, *[1] * hue6.ndim)
     k = _mod6(n + hue6)  # (3, H, W)
     return value - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
 
@@ -321,7 +324,8 @@ class PhotometricDistort(RandomTransform):
         )
         self.hue_delta = hue_delta * s
 
-    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+    def sample(self) -> dict[str, Any]:
+        """One draw of :func:`photometric_distort`'s keyword arguments (None: op skipped)."""
         u = self._rand(9).tolist()  # 4 gates, 4 magnitudes, 1 order
         p = self.p
 
@@ -331,15 +335,16 @@ class PhotometricDistort(RandomTransform):
         d, (clo, chi), (slo, shi), hd = (
             self.brightness_delta, self.contrast_range, self.saturation_range, self.hue_delta
         )
-        image = photometric_distort(
-            image,
-            brightness=uniform(-d, d, u[1]) if u[0] < p else None,
-            contrast=uniform(clo, chi, u[3]) if u[2] < p else None,
-            saturation=uniform(slo, shi, u[5]) if u[4] < p else None,
-            hue=uniform(-hd, hd, u[7]) if u[6] < p else None,
-            contrast_first=u[8] < 0.5,
-        )
-        return image, target
+        return {
+            "brightness": uniform(-d, d, u[1]) if u[0] < p else None,
+            "contrast": uniform(clo, chi, u[3]) if u[2] < p else None,
+            "saturation": uniform(slo, shi, u[5]) if u[4] < p else None,
+            "hue": uniform(-hd, hd, u[7]) if u[6] < p else None,
+            "contrast_first": u[8] < 0.5,
+        }
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        return photometric_distort(image, **self.sample()), target
 
 
 class Expand(RandomTransform):
@@ -365,14 +370,21 @@ class Expand(RandomTransform):
         # The fill is the mean colour so that it normalises to ~0, as the reference's.
         self.fill = tuple(round(255 * float(m)) for m in fill)
 
-    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+    def sample(self, height: int, width: int) -> tuple[int, int, int, int] | None:
+        """One draw for a (height, width) image: (canvas_h, canvas_w, top, left), or None."""
         gate, r, ty, tx = self._rand(4).tolist()
         if gate >= self.p:
-            return image, target
-        height, width = image.shape[-2:]
+            return None
         ratio = 1 + (self.max_ratio - 1) * r
         canvas_h, canvas_w = int(height * ratio), int(width * ratio)
         top, left = int((canvas_h - height) * ty), int((canvas_w - width) * tx)
+        return canvas_h, canvas_w, top, left
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        drawn = self.sample(*image.shape[-2:])
+        if drawn is None:
+            return image, target
+        canvas_h, canvas_w, top, left = drawn
         return expand(image, target, (canvas_h, canvas_w), top, left, self.fill)
 
 
@@ -459,19 +471,22 @@ class IoUCrop(RandomTransform):
         rects, found = self.sample_rects(boxes, height, width, [min_iou])
         return rects[0] if bool(found[0]) else None
 
-    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+    def sample(self, boxes: Tensor, height: int, width: int) -> Tensor | None:
+        """One draw for a (height, width) image with ``boxes`` (N, 4) xyxy pixels: the patch
+        (4,) int64 xyxy pixels, half-open, or None for the whole image."""
         gate, pick = self._rand(2).tolist()
-        boxes = target["boxes"]
         if gate >= self.strength or boxes.shape[0] == 0 or not self.min_ious:
-            return image, target
-        height, width = image.shape[-2:]
+            return None
         rects, found = self.sample_rects(boxes, height, width, self.min_ious)
         # Choose uniformly among the options that succeeded (at most 7: not a loop over boxes).
         candidates: list[Tensor | None] = [None] if self.whole else []
         candidates += [rect for rect, ok in zip(rects, found.tolist(), strict=True) if ok]
         if not candidates:
-            return image, target
-        rect = candidates[int(pick * len(candidates))]
+            return None
+        return candidates[int(pick * len(candidates))]
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        rect = self.sample(target["boxes"], *image.shape[-2:])
         if rect is None:
             return image, target
         return crop(image, target, rect)
@@ -489,10 +504,140 @@ class HorizontalFlip(RandomTransform):
         super().__init__(strength, generator=generator)
         self.p = p * self.strength
 
+    def sample(self) -> bool:
+        """One draw: mirror or not."""
+        return self._rand(1).item() < self.p
+
     def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
-        if self._rand(1).item() >= self.p:
+        if not self.sample():
             return image, target
         return hflip(image, target)
+
+
+# --------------------------------------------------------------------------------------------
+# one image's random draws, shared by the CPU path and the device path (ssd.device_augment)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Every random draw of one image's SSD augmentation (small, picklable: loader workers send it).
+
+    Attributes:
+        height, width: the input image's size the draws were made for.
+        brightness, contrast, saturation, hue, contrast_first: :func:`photometric_distort`'s
+            arguments (None: that op is off).
+        expand: zoom-out ``(canvas_h, canvas_w, top, left)`` (the image pasted at (top, left) on a
+            mean-colour canvas), or None.
+        crop: the IoU crop ``(x1, y1, x2, y2)``, integer pixels of the canvas (of the image when
+            ``expand`` is None), half-open; None keeps the whole canvas.
+        flip: mirror left-right after the crop.
+    """
+
+    height: int
+    width: int
+    brightness: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
+    hue: float | None = None
+    contrast_first: bool = True
+    expand: tuple[int, int, int, int] | None = None
+    crop: tuple[int, int, int, int] | None = None
+    flip: bool = False
+
+    def photometric(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`photometric_distort`."""
+        return {"brightness": self.brightness, "contrast": self.contrast, "saturation": self.saturation,
+                "hue": self.hue, "contrast_first": self.contrast_first}
+
+    def region(self) -> tuple[int, int, int, int, int, int]:
+        """The geometry as one map: ``(x1, y1, x2, y2, left, top)``: the output shows the half-open
+        rectangle x1..x2, y1..y2 of the canvas (before the flip), in which the image sits at
+        (left, top); canvas pixels outside the image are the fill colour."""
+        if self.expand is None:
+            canvas_h, canvas_w, top, left = self.height, self.width, 0, 0
+        else:
+            canvas_h, canvas_w, top, left = self.expand
+        x1, y1, x2, y2 = self.crop if self.crop is not None else (0, 0, canvas_w, canvas_h)
+        return x1, y1, x2, y2, left, top
+
+
+def sample_augment_params(
+    height: int, width: int, boxes: Tensor, strength: float = 1.0, *,
+    generator: torch.Generator | None = None,
+) -> AugmentParams:
+    """Draw one image's augmentation: photometric, zoom-out, min-IoU crop, flip, in this order.
+
+    The one sampler of both paths: the CPU transform (:class:`SSDAugment`, ``build_transform``)
+    and the device path (loader workers draw, ``ssd.device_augment`` applies) call it, so
+    the distributions are the same by construction. The draws are those of the individual
+    transforms (``PhotometricDistort``, ``Expand``, ``IoUCrop``, ``HorizontalFlip``) chained, in
+    the same order from the same generator, so the result is bit for bit the old chain's.
+
+    Args:
+        height, width: the input image's size (no pixels are needed).
+        boxes: (N, 4) float xyxy absolute pixels of the input image (the crop's IoU rule).
+        strength: 0..1, as ``build_transform``.
+        generator: as ``build_transform`` (None: torch's global RNG).
+    """
+    photometric = PhotometricDistort(strength, generator=generator).sample()
+    expanded = Expand(strength, generator=generator).sample(height, width)
+    canvas_h, canvas_w = height, width
+    if expanded is not None:
+        canvas_h, canvas_w, top, left = expanded
+        # the same float op as ``expand``, so the crop's IoU sees the boxes the CPU chain sees
+        boxes = boxes + torch.tensor([left, top, left, top], dtype=boxes.dtype)
+    rect = IoUCrop(strength, generator=generator).sample(boxes, canvas_h, canvas_w)
+    flip = HorizontalFlip(strength, generator=generator).sample()
+    return AugmentParams(
+        height, width, **photometric, expand=expanded,
+        crop=None if rect is None else tuple(int(v) for v in rect.tolist()), flip=flip,
+    )
+
+
+def apply_augment_params(
+    image: Tensor, target: Target, params: AugmentParams, fill: Sequence[int]
+) -> tuple[Tensor, Target]:
+    """The CPU path: photometric -> expand -> crop -> flip with fixed ``params`` (uint8 in and out).
+
+    Args:
+        image: uint8 (3, H, W) with (H, W) = (params.height, params.width).
+        target: boxes (N, 4) xyxy pixels; returned in pixels of the (cropped) canvas.
+        fill: the zoom-out colour, 0..255 per channel.
+    """
+    if tuple(image.shape[-2:]) != (params.height, params.width):
+        raise ValueError(f"params drawn for {params.height}x{params.width}, image is {tuple(image.shape[-2:])}")
+    image = photometric_distort(image, **params.photometric())
+    if params.expand is not None:
+        canvas_h, canvas_w, top, left = params.expand
+        image, target = expand(image, target, (canvas_h, canvas_w), top, left, fill)
+    if params.crop is not None:
+        image, target = crop(image, target, params.crop)
+    if params.flip:
+        image, target = hflip(image, target)
+    return image, target
+
+
+def mean_fill(mean: Sequence[float] = IMAGENET_MEAN) -> tuple[int, ...]:
+    """The zoom-out fill in 0..255 units: the mean colour, so that it normalises to ~0."""
+    return tuple(round(255 * float(m)) for m in mean)
+
+
+class SSDAugment(RandomTransform):
+    """The paper's random steps in one transform: :func:`sample_augment_params` then
+    :func:`apply_augment_params`; the same output, for a seed, as chaining ``PhotometricDistort``,
+    ``Expand``, ``IoUCrop`` and ``HorizontalFlip`` on one generator."""
+
+    def __init__(
+        self, strength: float = 1.0, *, generator: torch.Generator | None = None,
+        fill: Sequence[float] = IMAGENET_MEAN,
+    ) -> None:
+        super().__init__(strength, generator=generator)
+        self.fill = mean_fill(fill)
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        height, width = image.shape[-2:]
+        params = sample_augment_params(height, width, target["boxes"], self.strength, generator=self.generator)
+        return apply_augment_params(image, target, params, self.fill)
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,17 +721,27 @@ def normalize(
         raise TypeError(f"normalize expects uint8 images, got {images.dtype}")
     if input_convention not in _CONVENTIONS:
         raise ValueError(f"unknown input convention {input_convention!r}: {_CONVENTIONS}")
+    shift, scale = _normalize_constants(tuple(mean), tuple(std), input_convention, images.device)
+    if input_convention in BGR_CONVENTIONS:
+        images = images.flip(-3)
+    return images.to(torch.float32).sub_(shift).mul_(scale)
+
+
+@functools.lru_cache(maxsize=32)
+def _normalize_constants(mean: tuple[float, ...], std: tuple[float, ...], input_convention: str | None,
+                         device: torch.device) -> tuple[Tensor, Tensor]:
+    """(shift, scale), each (3, 1, 1) float32 on ``device``, with ``(x - shift) * scale`` the
+    normalisation in 0..255 units. Cached: building them on a GPU every step would be a host to
+    device copy, i.e. a wait for the GPU, on every training step."""
     # Folded into one subtract and one multiply in 0..255 units.
-    shift = torch.tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255
-    scale = 1 / (torch.tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255)
+    shift = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255
+    scale = 1 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255)
     if input_convention in BGR_CONVENTIONS:
         # Statistics computed in float64 so that Caffe's (123, 117, 104) / 255 and 1 / 255 give
         # exactly 123, 117, 104 and 1 in 0..255 units; flipped with the channels.
-        shift = (torch.tensor(mean, dtype=torch.float64) * 255).to(torch.float32).flip(0)
-        scale = (1 / (torch.tensor(std, dtype=torch.float64) * 255)).to(torch.float32).flip(0)
-        shift, scale = shift.view(3, 1, 1).to(images.device), scale.view(3, 1, 1).to(images.device)
-        images = images.flip(-3)
-    return images.to(torch.float32).sub_(shift).mul_(scale)
+        shift = (torch.tensor(mean, dtype=torch.float64) * 255).to(torch.float32).flip(0).view(3, 1, 1)
+        scale = (1 / (torch.tensor(std, dtype=torch.float64) * 255)).to(torch.float32).flip(0).view(3, 1, 1)
+    return shift.to(device), scale.to(device)
 
 
 class Normalize:
@@ -673,10 +828,5 @@ def build_transform(
     if not train:
         return Compose(finish)
     strength = _check_strength(strength)
-    return Compose([
-        PhotometricDistort(strength, generator=generator),
-        Expand(strength, generator=generator, fill=mean),
-        IoUCrop(strength, generator=generator),
-        HorizontalFlip(strength, generator=generator),
-        *finish,
-    ])
+    # one sampler for the CPU and the device path (``sample_augment_params``)
+    return Compose([SSDAugment(strength, generator=generator, fill=mean), *finish])

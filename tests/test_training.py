@@ -116,7 +116,7 @@ def test_amp_choice():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
 def test_amp_auto_is_bf16_on_gpus_that_have_it():
-    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     assert amp_dtype_for("auto", torch.device("cuda", 0)) == expected
 
 

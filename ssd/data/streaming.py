@@ -39,16 +39,40 @@ def decode_sample(sample: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
     meta = json.loads(sample["json"])
     data = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
     image = decode_jpeg(data, mode=ImageReadMode.RGB)
+    return image, _target(meta, image.shape[1], image.shape[2])
+
+
+def _target(meta: dict[str, Any], height: int, width: int) -> dict[str, Tensor]:
+    """A sample's annotation as a target: boxes (N, 4) float32 xyxy absolute pixels, flags."""
     n = len(meta["labels"])
-    target = {
+    return {
         "boxes": torch.tensor(meta["boxes"], dtype=torch.float32).reshape(n, 4),
         "labels": torch.tensor(meta["labels"], dtype=torch.int64),
         "difficult": torch.tensor(meta.get("difficult", [False] * n), dtype=torch.bool),
         "iscrowd": torch.tensor(meta.get("iscrowd", [False] * n), dtype=torch.bool),
         "image_id": torch.tensor(int(meta["image_id"])),
-        "orig_size": torch.tensor([image.shape[1], image.shape[2]]),  # (H, W)
+        "orig_size": torch.tensor([height, width]),  # (H, W)
     }
-    return image, target
+
+
+def read_sample(sample: dict[str, Any]) -> tuple[Tensor, int, int, dict[str, Tensor]]:
+    """A raw shard sample without decoding its pixels (the device-augmentation mode's loader work).
+
+    Returns:
+        the JPEG bytes as a 1-D uint8 tensor, the image's height and width (from the sample's
+        annotation, or the JPEG header if it lacks them), and the target as ``decode_sample``'s.
+    """
+    meta = json.loads(sample["json"])
+    data = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
+    height, width = meta.get("height"), meta.get("width")
+    if height is None or width is None:
+        from ssd.data.images import jpeg_frame
+
+        frame = jpeg_frame(bytes(sample["jpg"]))
+        if frame is None:
+            raise ShardFormatError(f"sample {sample.get('__key__')!r}: no size in its annotation or JPEG header")
+        height, width = frame[2], frame[3]
+    return data, int(height), int(width), _target(meta, int(height), int(width))
 
 
 def _select(target: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
@@ -68,6 +92,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         rank, world_size: this process's place among the data-parallel ranks.
         seed: shuffling seed; the epoch is mixed in (``set_epoch``).
         shuffle_buffer: samples held for shuffling inside each worker (train only).
+        prepare: the device-augmentation mode (``transform`` must be None): no pixel is decoded;
+            each sample is ``(jpeg bytes (L,) uint8, *prepare(height, width, target))``, e.g.
+            ``ssd.device_augment.DeviceAugment.prepare`` -> (final target, params).
     """
 
     def __init__(
@@ -81,12 +108,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         keep_difficult: bool = True,
+        prepare: Callable[[int, int, dict[str, Tensor]], tuple[Any, Any]] | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if prepare is not None and transform is not None:
+            raise ValueError("a stream either transforms decoded images or prepares raw ones, not both")
         self.shards = shards
         self.transform = transform
+        self.prepare = prepare
         self.train = train
         self.rank = rank
         self.world_size = world_size
@@ -126,7 +157,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                     f"{self.shards.urls[piece.shard]}: {position} samples, but dataset.json says "
                     f"{self.shards.counts[piece.shard]}")
 
-    def __iter__(self) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        """(image, target) per sample; (jpeg bytes, *prepare(...)) with ``prepare``."""
         info = torch.utils.data.get_worker_info()
         num_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         samples: Iterator[dict[str, Any]] = self.raw_samples(num_workers, worker)
@@ -134,13 +166,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
             samples = wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         for sample in samples:
-            image, target = decode_sample(sample)
+            if self.prepare is not None:
+                data, height, width, target = read_sample(sample)
+            else:
+                image, target = decode_sample(sample)
             if self.train:
                 keep = ~target["iscrowd"]
                 if not self.keep_difficult:
                     keep &= ~target["difficult"]
                 if not bool(keep.all()):
                     target = _select(target, keep)
+            if self.prepare is not None:
+                yield data, *self.prepare(height, width, target)
+                continue
             if self.transform is not None:
                 image, target = self.transform(image, target)
             yield image, target
@@ -155,11 +193,29 @@ def pack_batch(samples: list) -> tuple[Tensor, dict[str, Tensor]]:
     per-object keys concatenated over images with ``counts`` (B,), per-image keys stacked.
     """
     images, targets = zip(*samples)
+    return torch.stack(images), pack_targets(targets)
+
+
+def pack_targets(targets) -> dict[str, Tensor]:
+    """``pack_batch``'s target packing: per-object keys concatenated with ``counts`` (B,)."""
     packed = {"counts": torch.tensor([len(t["labels"]) for t in targets])}
     for key in targets[0]:
         values = [t[key] for t in targets]
         packed[key] = torch.cat(values) if key in PER_OBJECT_KEYS else torch.stack(values)
-    return torch.stack(images), packed
+    return packed
+
+
+def pack_raw_batch(samples: list) -> tuple[Tensor, Tensor, list, dict[str, Tensor]]:
+    """Collate of the device-augmentation mode: (jpeg bytes, target, params) samples ->
+    (all bytes concatenated (sum L,) uint8, lengths (B,), params list, packed targets): a few
+    tensors per batch, as ``pack_batch``."""
+    datas, targets, params = zip(*samples)
+    return torch.cat(datas), torch.tensor([len(d) for d in datas]), list(params), pack_targets(targets)
+
+
+def _unpack_raw(datas: Tensor, lengths: Tensor, params: list) -> list[tuple[Tensor, Any]]:
+    """``pack_raw_batch``'s inverse for the images: [(jpeg bytes (L,), params)] per sample."""
+    return list(zip(datas.split(lengths.tolist()), params, strict=True))
 
 
 def unpack_targets(packed: dict[str, Tensor]) -> list[dict[str, Tensor]]:
@@ -212,13 +268,17 @@ class ShardLoader:
             self.stream,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=pack_batch,
+            collate_fn=pack_raw_batch if self.stream.prepare is not None else pack_batch,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
         )
         limit = len(self) if self._train_steps is not None else None
         produced = 0
-        batches = ((images, unpack_targets(packed)) for images, packed in loader)
+        if self.stream.prepare is not None:  # images: [(jpeg bytes, params)] per sample
+            batches = ((_unpack_raw(datas, lengths, params), unpack_targets(packed))
+                       for datas, lengths, params, packed in loader)
+        else:
+            batches = ((images, unpack_targets(packed)) for images, packed in loader)
         for batch in rebatch(batches, self.batch_size, drop_last=self._train_steps is not None):
             yield batch
             produced += 1
@@ -234,7 +294,7 @@ def rebatch(batches, batch_size: int, drop_last: bool) -> Iterator[tuple[Tensor,
     """Re-cut a stream of (images (b,...), targets) batches into batches of exactly ``batch_size``.
 
     Full batches pass through untouched (no copy); partial ones are joined. The final remainder
-    is yielded unless ``drop_last``.
+    is yielded unless ``drop_last``. ``images`` may also be a list (one entry per sample).
     """
     pending_images: list[Tensor] = []
     pending_targets: list[dict[str, Tensor]] = []
@@ -247,10 +307,17 @@ def rebatch(batches, batch_size: int, drop_last: bool) -> Iterator[tuple[Tensor,
         pending_targets.extend(targets)
         pending += len(targets)
         while pending >= batch_size:
-            joined = torch.cat(pending_images)
+            joined = _join(pending_images)
             yield joined[:batch_size], pending_targets[:batch_size]
             pending_images = [joined[batch_size:]] if pending > batch_size else []
             pending_targets = pending_targets[batch_size:]
             pending -= batch_size
     if pending and not drop_last:
-        yield torch.cat(pending_images), pending_targets
+        yield _join(pending_images), pending_targets
+
+
+def _join(parts: list) -> Tensor | list:
+    """Tensors concatenated along the batch; lists (raw samples) chained."""
+    if isinstance(parts[0], list):
+        return [item for part in parts for item in part]
+    return torch.cat(parts)
