@@ -6,6 +6,7 @@ gives the same losses; ``amp=auto`` picks fp16 with a GradScaler on GPUs without
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -312,6 +313,8 @@ def test_a_diverging_lr_is_caught():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
 def test_compiled_step_gives_the_same_losses():
     losses = {}
     for compiled in (False, True):
