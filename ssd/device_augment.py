@@ -42,12 +42,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ssd.boxes import PER_OBJECT_KEYS, clip_boxes
+from ssd.boxes import clip_boxes
 from ssd.transforms import (
     IMAGENET_MEAN,
     AugmentParams,
     _hcv_to_rgb,
     _rgb_to_hcv,
+    _select,
     mean_fill,
     resize,
     sample_augment_params,
@@ -212,14 +213,6 @@ def photometric_batch(images: Tensor, params: Sequence[AugmentParams], coverage:
 
 # --------------------------------------------------------------------------------------------
 # boxes
-
-
-def _select(target: Target, keep: Tensor) -> Target:
-    out = dict(target)
-    for key in PER_OBJECT_KEYS:
-        if key in out:
-            out[key] = out[key][keep]
-    return out
 
 
 def augment_target(target: Target, params: AugmentParams, size: int, min_size: float = 1.0) -> Target:
