@@ -307,3 +307,15 @@ def test_a_sample_that_fails_to_decode_is_dropped_and_counted(synthetic, capsys)
     broken = [(torch.frombuffer(bytearray(b"\xff\xd8broken"), dtype=torch.uint8), params) for _, params in raw]
     with pytest.raises(ValueError, match=r"no image of a batch could be decoded \(image_ids \[0, 1, 2\]\)"):
         list(DeviceAugmentLoader([(broken, targets)], augment, "cpu"))
+
+
+def test_a_raw_sample_without_a_size_names_its_shard_and_key():
+    import json
+
+    from ssd.data.shards import ShardFormatError
+    from ssd.data.streaming import read_sample
+
+    sample = {"__url__": "/x/shard-000001.tar", "__key__": "k1", "jpg": b"not a jpeg",
+              "json": json.dumps({"labels": [], "boxes": [], "image_id": 1})}
+    with pytest.raises(ShardFormatError, match=r"^/x/shard-000001.tar: sample 'k1': no height/width"):
+        read_sample(sample)

@@ -70,7 +70,8 @@ def read_sample(sample: dict[str, Any]) -> tuple[Tensor, int, int, dict[str, Ten
 
         frame = jpeg_frame(bytes(sample["jpg"]))
         if frame is None:
-            raise ShardFormatError(f"sample {sample.get('__key__')!r}: no size in its annotation or JPEG header")
+            raise ShardFormatError(f"{sample.get('__url__', 'a shard')}: sample {sample.get('__key__')!r}: no "
+                                   "height/width in its annotation and no size in its JPEG header")
         height, width = frame[2], frame[3]
     return data, int(height), int(width), _target(meta, int(height), int(width))
 
