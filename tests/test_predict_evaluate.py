@@ -410,3 +410,23 @@ def test_evaluation_with_loader_workers_and_autocast_matches_the_plain_one(check
     assert workers["VOC07"]["mAP"] == plain["VOC07"]["mAP"]
     amp = evaluate_model(model, ckpt.config, shard_set, "cpu", 4, amp_dtype=torch.bfloat16)
     assert amp["AP50"] == pytest.approx(plain["AP50"], abs=0.05) and amp["AR100"] > 0
+
+
+def test_validation_really_uses_its_loader_workers_and_autocast(checkpoint, data, monkeypatch):
+    """The two options reach the loader and the network (the test above only shows they change
+    no result): the loader is built with the workers, the network's outputs are bf16."""
+    from ssd.checkpoint import load_checkpoint
+    from ssd.evaluation import service
+
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(ckpt.config)
+    model.load_state_dict(ckpt.model)
+    workers, dtypes = [], []
+    real_loader = service.ShardLoader
+    monkeypatch.setattr(service, "ShardLoader",
+                        lambda stream, batch, num_workers=0: workers.append(num_workers) or real_loader(
+                            stream, batch, num_workers=num_workers))
+    model.register_forward_hook(lambda module, args, out: dtypes.append(out[1].dtype))
+    evaluate_model(model, ckpt.config, ShardSet.open(str(data["voc"] / "val")), "cpu", 4, num_workers=2,
+                   amp_dtype=torch.bfloat16)
+    assert workers == [2] and set(dtypes) == {torch.bfloat16}
