@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,48 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float) -> bool:
             if time.time() > deadline or proc.poll() is not None:
                 return False
             time.sleep(0.3)
+
+
+#: MLflow 3's job runner (huey consumers for its GenAI jobs; ssd uses none) costs a quarter of a
+#: core while idle and 5 s to stop: the servers of the tests run without it
+MLFLOW_NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+#: session fixtures that stop as soon as the last collected test using them is done (see
+#: ``shared_until_last_user``), rather than at the end of the session
+_SHARED: dict[str, Callable[[], None] | None] = {"services": None, "mlflow_server": None}
+#: fixture name -> node id of the last collected test that uses it
+_LAST_USER: dict[str, str] = {}
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        for name in _SHARED:
+            if name in getattr(item, "fixturenames", ()):
+                _LAST_USER[name] = item.nodeid
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    for name, nodeid in _LAST_USER.items():
+        stop = _SHARED.get(name)
+        if nodeid == item.nodeid and stop is not None:
+            _SHARED[name] = None
+            stop()
+
+
+def shared_until_last_user(name: str, stop: Callable[[], None]) -> Callable[[], None]:
+    """Register ``stop`` of the session fixture ``name``: it runs after the teardown of the last
+    collected test that uses the fixture (so an idle server does not linger through the rest of
+    the session), or at the session's end, whichever comes first; once. Returns the call for the
+    fixture's own teardown."""
+    _SHARED[name] = stop
+
+    def finish() -> None:
+        if _SHARED.get(name) is stop:
+            _SHARED[name] = None
+            stop()
+    return finish
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -86,9 +129,11 @@ def free_port():
     return _free_port
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (SQLite store) on loopback, stopped by its process group."""
+    """A real `mlflow server` (SQLite store) on loopback, stopped by its process group after the
+    last test that uses it. Shared by the modules: each uses experiment and registered-model
+    names of its own (a test that needs an empty store starts its own server)."""
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
@@ -96,28 +141,52 @@ def mlflow_server(tmp_path_factory):
         [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, **MLFLOW_NO_JOBS})
     url = f"http://127.0.0.1:{port}"
     if not wait_for_http(f"{url}/health", proc, timeout=90):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("mlflow server did not start")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+
+    def stop() -> None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+    finish = shared_until_last_user("mlflow_server", stop)
+    try:
+        yield url
+    finally:
+        finish()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def services(tmp_path_factory, free_port):
     """infra/local/start.sh on free loopback ports: a Ray head (2 CPUs, token auth) and an MLflow
     server; yields their addresses and the environment that reaches them (with the token), stops
-    them after the module."""
-    # a shorter grace before stop.sh's SIGKILL: the module's data is thrown away anyway
+    them after the last test that uses them. Shared by the modules (start-up and stop take
+    ~30 s): each uses experiment and registered-model names of its own, and none changes the
+    cluster (tests/test_infra_local.py starts and stops instances of its own)."""
+    # a shorter grace before stop.sh's SIGKILL: the data is thrown away anyway
     # (tests/test_infra_local.py checks the graceful stop with the default grace)
-    found = start_local_services(tmp_path_factory.mktemp("services"), free_port, STOP_GRACE_SECONDS="5")
+    found = start_local_services(tmp_path_factory.mktemp("services"), free_port, STOP_GRACE_SECONDS="5",
+                                 **MLFLOW_NO_JOBS)
+    stopping: list[subprocess.Popen] = []
+
+    def stop() -> None:  # in the background (Ray takes ~10 s to stop): the next tests run meanwhile
+        stopping.append(subprocess.Popen([str(ROOT / "infra" / "local" / "stop.sh")], env=found["env"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    finish = shared_until_last_user("services", stop)
     try:
         yield found
     finally:
-        stop_local_services(found["env"])
+        finish()
+        for proc in stopping:  # the session's end: stopped for sure
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stop_local_services(found["env"])
 
 
 #: the bucket :func:`s3_server` creates

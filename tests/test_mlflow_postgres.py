@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import MLFLOW_NO_JOBS
 
 from ssd.checkpoint import INFERENCE_FILES, load_checkpoint
 from ssd.mlflow_model import detections_frame, log_ssd_model
@@ -175,7 +176,7 @@ def mlflow_pg(postgres, s3_server, free_port, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-pg")
     port, log = free_port(), root / "server.log"
     mlflow = Path(sys.executable).parent / "mlflow"
-    env = {**os.environ, **s3_server.env}
+    env = {**os.environ, **s3_server.env, **MLFLOW_NO_JOBS}  # no job runner: as in conftest's servers
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import wait_for_http  # tests/ is on sys.path under pytest, as for conftest itself
+from conftest import MLFLOW_NO_JOBS, wait_for_http  # tests/ is on sys.path under pytest
 
 from ssd.checkpoint import load_checkpoint
 from ssd.jobs.common import request_from_args
@@ -57,7 +57,8 @@ class Server:
             [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
              f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination", str(self.root / "artifacts"),
              "--serve-artifacts", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, **MLFLOW_NO_JOBS})
         if not wait_for_http(f"{self.url}/health", self.proc, timeout=90):
             self.stop()
             pytest.fail("mlflow server did not start")
