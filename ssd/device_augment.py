@@ -122,6 +122,29 @@ def resample(image: Tensor, params: AugmentParams, size: int, fill: Sequence[int
     return resize(region, empty, (size, size))[0]
 
 
+def _spans(params: Sequence[AugmentParams], size: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]],
+                                                                 list[bool]]:
+    """Each image's rectangle in output pixels, as x and y spans, and whether it leaves any
+    zoom-out fill visible (from the parameters alone: host arithmetic, no device work)."""
+    spans_x, spans_y, fill = [], [], []
+    for p in params:
+        x1, y1, x2, y2, left, top = p.region()
+        sx, sy = size / (x2 - x1), size / (y2 - y1)
+        a, b = (left - x1) * sx, (left + p.width - x1) * sx
+        if p.flip:
+            a, b = size - b, size - a
+        c, d = (top - y1) * sy, (top + p.height - y1) * sy
+        fill.append(a > 0 or c > 0 or b < size or d < size)
+        spans_x.append((a, b))
+        spans_y.append((c, d))
+    return spans_x, spans_y, fill
+
+
+def fill_flags(params: Sequence[AugmentParams], size: int) -> list[bool]:
+    """Whether each image's output shows some zoom-out fill (where :func:`image_coverage` < 1)."""
+    return _spans(params, size)[2]
+
+
 def image_coverage(params: Sequence[AugmentParams], size: int, device: torch.device | str) -> Tensor | None:
     """The share of each output pixel covered by the image rather than the zoom-out fill.
 
@@ -131,18 +154,8 @@ def image_coverage(params: Sequence[AugmentParams], size: int, device: torch.dev
     Returns:
         float32 (B, 1, S, S) in [0, 1], or None when no image of the batch shows any fill.
     """
-    spans_x, spans_y, any_fill = [], [], False
-    for p in params:
-        x1, y1, x2, y2, left, top = p.region()
-        sx, sy = size / (x2 - x1), size / (y2 - y1)
-        a, b = (left - x1) * sx, (left + p.width - x1) * sx
-        if p.flip:
-            a, b = size - b, size - a
-        c, d = (top - y1) * sy, (top + p.height - y1) * sy
-        any_fill |= a > 0 or c > 0 or b < size or d < size
-        spans_x.append((a, b))
-        spans_y.append((c, d))
-    if not any_fill:
+    spans_x, spans_y, fill = _spans(params, size)
+    if not any(fill):
         return None
     j = torch.arange(size, dtype=torch.float32, device=device)  # pixel j covers [j, j + 1)
 
@@ -157,24 +170,43 @@ def image_coverage(params: Sequence[AugmentParams], size: int, device: torch.dev
 # colour
 
 
-def photometric_batch(images: Tensor, params: Sequence[AugmentParams], coverage: Tensor | None = None) -> Tensor:
+def has_colour(p: AugmentParams) -> bool:
+    return p.brightness is not None or p.contrast is not None or p.saturation is not None or p.hue is not None
+
+
+def photometric_batch(images: Tensor, params: Sequence[AugmentParams], coverage: Tensor | None = None,
+                      per_image: bool | None = None) -> Tensor:
     """``ssd.transforms.photometric_distort`` on a batch, each image with its own parameters.
 
     Same formulas and order (brightness; contrast before or after the HSV ops; saturation and hue
-    in the HCV form; clamping to [0, 255] after each op). An op that is off for an image gets its
-    identity parameter (0 or 1), which is exact; the HSV and the saturation-only forms run only on
-    the images that need them.
+    in the HCV form; clamping to [0, 255] after each op). Two schedules, equal bit for bit:
+    batched (one op over the batch, an op that is off for an image getting its identity
+    parameter, 0 or 1, which is exact; the HSV and saturation-only forms on the images that need
+    them), the default on GPUs; and per image (only the ops each image drew, in place on its
+    slice: no work for the ops it did not draw), the default on the CPU, where every pass over
+    the batch costs its full memory traffic.
 
     Args:
         images: float32 (B, 3, H, W) RGB in 0..255, not modified.
         coverage: (B, 1, H, W) image share of each pixel (:func:`image_coverage`): the result is
-            blended back to the input by it, so the zoom-out fill keeps its colour.
+            blended back to the input by it, so the zoom-out fill keeps its colour; images that
+            show no fill (coverage 1 everywhere) are left out of the blend.
+        per_image: the schedule (None: per image on the CPU, batched elsewhere).
     Returns:
         float32 (B, 3, H, W) in [0, 255], not rounded.
     """
     batch, device = images.shape[0], images.device
     if len(params) != batch:
         raise ValueError(f"{len(params)} params for {batch} images")
+    if per_image is None:
+        per_image = device.type == "cpu"
+    fills = [bool(f) for f in fill_flags(params, images.shape[-1])] if coverage is not None else [False] * batch
+    if per_image:
+        out = images.clone()
+        for i, p in enumerate(params):
+            if has_colour(p):
+                out[i] = _photometric_one(images[i], p, coverage[i] if fills[i] else None)
+        return out
 
     def column(values: list[float]) -> Tensor:  # (len, 1, 1, 1), built on the host: no device sync
         return torch.tensor(values, dtype=torch.float32, device=device).view(len(values), 1, 1, 1)
@@ -188,27 +220,67 @@ def photometric_batch(images: Tensor, params: Sequence[AugmentParams], coverage:
     saturation_only = [i for i, p in enumerate(params) if p.hue is None and p.saturation is not None]
     if with_hue:
         idx = torch.tensor(with_hue, device=device)
-        sub = x[idx]  # (b, 3, H, W)
         saturation = column([params[i].saturation if params[i].saturation is not None else 1.0
                              for i in with_hue])[:, 0]  # (b, 1, 1)
-        hue = column([params[i].hue for i in with_hue])[:, 0] / 60.0
+        hue = column([params[i].hue for i in with_hue])[:, 0]
         # channel-first (3, b, H, W): the single-image helpers unbind channels on dim 0
-        h6, c, v = _rgb_to_hcv(sub.transpose(0, 1))
-        c = torch.minimum(c * saturation, v)  # saturation 1 leaves C exactly (C <= V)
-        x[idx] = _hcv_to_rgb(h6 + hue, c, v).clamp_(0, 255).transpose(0, 1)
+        x[idx] = _hsv(x[idx].transpose(0, 1), saturation, hue).transpose(0, 1)
     if saturation_only:
         idx = torch.tensor(saturation_only, device=device)
-        sub = x[idx]
-        saturation = column([params[i].saturation for i in saturation_only])[:, 0]
-        r, g, b = sub.unbind(1)
-        v = torch.maximum(torch.maximum(r, g), b).unsqueeze(1)  # (b, 1, H, W)
-        c = v - torch.minimum(torch.minimum(r, g), b).unsqueeze(1)
-        gain = torch.minimum(c * saturation.unsqueeze(1), v) / c.clamp_min(1e-6)
-        x[idx] = (v - (v - sub) * gain).clamp_(0, 255)
+        saturation = column([params[i].saturation for i in saturation_only])
+        x[idx] = _saturation(x[idx], saturation, channel_dim=1)
     x = x.mul_(contrast_after).clamp_(0, 255)
-    if coverage is not None:
-        x = images + coverage * (x - images)
+    blend = [i for i in range(batch) if fills[i]]
+    if blend:
+        idx = torch.tensor(blend, device=device)
+        start = images[idx]
+        x[idx] = start + coverage[idx] * (x[idx] - start)
     return x
+
+
+def _scalar(value: float, device: torch.device) -> Tensor:
+    """A (1, 1, 1) float32 parameter: the batched schedule's column entry for one image, so both
+    schedules compute in the same precision."""
+    return torch.tensor([value], dtype=torch.float32, device=device).view(1, 1, 1)
+
+
+def _photometric_one(image: Tensor, p: AugmentParams, coverage: Tensor | None) -> Tensor:
+    """One image (3, H, W) float32 through the ops it drew; ``photometric_batch``'s per-image
+    schedule (the batched one's arithmetic, op for op)."""
+    device = image.device
+    x = image.clone()
+    if p.brightness is not None:
+        x.add_(_scalar(p.brightness, device)).clamp_(0, 255)
+    if p.contrast is not None and p.contrast_first:
+        x.mul_(_scalar(p.contrast, device)).clamp_(0, 255)
+    if p.hue is not None:
+        x = _hsv(x, _scalar(p.saturation if p.saturation is not None else 1.0, device)[0],
+                 _scalar(p.hue, device)[0])
+    elif p.saturation is not None:
+        x = _saturation(x, _scalar(p.saturation, device), channel_dim=0)
+    if p.contrast is not None and not p.contrast_first:
+        x.mul_(_scalar(p.contrast, device)).clamp_(0, 255)
+    if coverage is not None:
+        x = image + coverage * (x - image)
+    return x
+
+
+def _hsv(x: Tensor, saturation: Tensor, hue: Tensor) -> Tensor:
+    """Saturation and hue in the HCV form on channel-first ``x`` (3, ...), clamped to [0, 255];
+    ``saturation`` and ``hue`` (degrees) broadcast against one channel."""
+    h6, c, v = _rgb_to_hcv(x)
+    c = torch.minimum(c * saturation, v)  # saturation 1 leaves C exactly (C <= V)
+    return _hcv_to_rgb(h6 + hue / 60.0, c, v).clamp_(0, 255)
+
+
+def _saturation(x: Tensor, saturation: Tensor, channel_dim: int) -> Tensor:
+    """Saturation alone (hue kept): each pixel's chroma scaled, its value kept; clamped.
+    ``saturation`` broadcasts against ``x`` with its channel dimension of size 1."""
+    r, g, b = x.unbind(channel_dim)
+    v = torch.maximum(torch.maximum(r, g), b).unsqueeze(channel_dim)
+    c = v - torch.minimum(torch.minimum(r, g), b).unsqueeze(channel_dim)
+    gain = torch.minimum(c * saturation, v) / c.clamp_min(1e-6)
+    return (v - (v - x) * gain).clamp_(0, 255)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,9 +359,19 @@ def augment_images(
     if flips:
         idx = torch.tensor(flips, device=device)
         out[idx] = out[idx].flip(-1)
-    if all(p.brightness is None and p.contrast is None and p.saturation is None and p.hue is None for p in params):
+    if not any(has_colour(p) for p in params):
         return out  # strength 0 or no colour op drawn: no float round trip
-    coloured = photometric_batch(out.to(torch.float32), params, image_coverage(params, size, device))
+    coverage = image_coverage(params, size, device)
+    if device.type == "cpu":
+        # photometric_batch's per-image schedule, in place on the uint8 batch: an image without
+        # colour ops is not even converted to float (the same result, bit for bit)
+        fills = fill_flags(params, size)
+        for i, p in enumerate(params):
+            if has_colour(p):
+                cover = coverage[i] if coverage is not None and fills[i] else None
+                out[i] = _photometric_one(out[i].to(torch.float32), p, cover).round_()
+        return out
+    coloured = photometric_batch(out.to(torch.float32), params, coverage, per_image=False)
     return coloured.round_().to(torch.uint8)
 
 
@@ -370,6 +452,13 @@ class DeviceAugmentLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
+
+    def skip_next(self, batches: int) -> None:
+        """As ``ShardLoader.skip_next``: the skipped batches are never decoded."""
+        self.loader.skip_next(batches)
+
+    def set_next_epoch(self, epoch: int | None) -> None:
+        self.loader.set_next_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -1,15 +1,16 @@
 """The device augmentation path (``ssd.device_augment``) against the CPU path (``ssd.transforms``).
 
-Stated tolerances (measured on 48 synthetic and 48 VOC images at strength 1, seed 1; the test
-bounds have headroom):
+Stated tolerances (measured on 48 synthetic and 48 VOC images at strength 1, seed 1, then on
+960 synthetic images: 40 seeds of 24, strength 1; the test bounds have headroom):
 
 - boxes, labels, flags: equal exactly (the same float ops in the same order);
 - geometry alone (zoom-out, crop, flip, resize; colour ops off) and strength 0: images equal
   exactly on the CPU device;
 - with the colour ops, which the device path runs after the resize instead of before it: per
-  image mean abs difference <= 1 grey level (measured max 0.69), 95 % of each image's pixels
-  within 4 (measured 3), 99 % within 20 (measured 15; the rest are edge pixels, where clamping and
-  the HSV ops do not commute with the resize's blending).
+  image mean abs difference <= 1.5 grey levels (measured max 0.69 on seed 1, 1.12 over the 960),
+  95 % of each image's pixels within 5 (measured 3, then 4), 99 % within 25 (measured 15, then 22:
+  the rest are edge pixels, where clamping and the HSV ops do not commute with the resize's
+  blending).
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def image_differences(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def assert_close_images(device: torch.Tensor, cpu: torch.Tensor) -> None:
     diff = image_differences(device, cpu)
-    assert diff.mean(dim=1).max() <= 1.0
-    assert diff.quantile(0.95, dim=1).max() <= 4
-    assert diff.quantile(0.99, dim=1).max() <= 20
+    assert diff.mean(dim=1).max() <= 1.5
+    assert diff.quantile(0.95, dim=1).max() <= 5
+    assert diff.quantile(0.99, dim=1).max() <= 25
 
 
 def test_cpu_transform_draws_from_the_one_sampler(synthetic, monkeypatch):
@@ -319,3 +320,26 @@ def test_a_raw_sample_without_a_size_names_its_shard_and_key():
               "json": json.dumps({"labels": [], "boxes": [], "image_id": 1})}
     with pytest.raises(ShardFormatError, match=r"^/x/shard-000001.tar: sample 'k1': no height/width"):
         read_sample(sample)
+
+
+def test_the_per_image_and_batched_colour_schedules_are_equal(synthetic):
+    """photometric_batch's two schedules (per image on the CPU, batched on GPUs) give the same
+    floats bit for bit, with zoom-out fill blended back; augment_images' in-place CPU schedule
+    gives the batched schedule's bytes."""
+    from ssd.device_augment import augment_images, photometric_batch, resample
+
+    params = draw(synthetic, 1.0, seed=4)
+    assert any(p.hue is not None for p in params) and any(p.hue is None and p.saturation is not None for p in params)
+    geometry = torch.stack([resample(image, p, SIZE, mean_fill()) for (image, _), p in zip(synthetic, params,
+                                                                                          strict=True)])
+    flipped = [i for i, p in enumerate(params) if p.flip]
+    geometry[flipped] = geometry[flipped].flip(-1)
+    floats = geometry.to(torch.float32)
+    coverage = image_coverage(params, SIZE, "cpu")
+    assert coverage is not None and (coverage < 1).any()
+    batched = photometric_batch(floats, params, coverage, per_image=False)
+    per_image = photometric_batch(floats, params, coverage, per_image=True)
+    assert torch.equal(batched, per_image)
+    assert not torch.equal(batched, floats)  # the ops did something
+    images = augment_images([s[0] for s in synthetic], params, SIZE)
+    assert torch.equal(images, batched.round().to(torch.uint8))
