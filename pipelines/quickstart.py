@@ -75,7 +75,8 @@ def main(args: argparse.Namespace) -> dict:
     # The same loop as every Ray worker's (ssd.training), in this process: no Ray, no MLflow.
     metrics = run_training(cfg, RunOptions(str(args.data / "train"), str(args.data / "val"),
                                            loader_workers=args.workers, sample_images=0),
-                           device=device, report=lambda epoch, _save: losses.append(epoch["loss"]),
+                           # epoch-end reports only (a mid-epoch checkpoint's report has no loss)
+                           device=device, report=lambda m, _save: losses.append(m["loss"]) if "loss" in m else None,
                            backbone=backbone)
     print(f"trained in {time.perf_counter() - start:.0f} s; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"validation AP50: {before:.3f} before training -> {metrics['AP50']:.3f} after; "

@@ -4,7 +4,7 @@ Layout of a checkpoint directory (ARCHITECTURE.md, "Contracts")::
 
     model.pt       the model's state dict (unwrapped from DDP / torch.compile)
     training.pt    optimizer, LR scheduler and grad-scaler states, torch RNG state
-    meta.json      epoch, global step, class names, metrics, format version
+    meta.json      epoch, global step, steps into the next epoch, class names, metrics, format version
     config.yaml    the resolved run config (``pipelines/train.py --config`` accepts it)
 
 Atomic: everything is written into a hidden sibling folder, flushed to disk, and renamed into
@@ -21,6 +21,7 @@ import pickle
 import re
 import shutil
 import struct
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,9 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)
     #: run bookkeeping that is not training state (e.g. the MLflow run id)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: batches of epoch ``epoch`` (0-based) already trained: 0 at an epoch's end, more in a
+    #: checkpoint taken mid-epoch (``train.checkpoint_every_iters`` / ``_minutes``)
+    epoch_step: int = 0
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -76,8 +80,32 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def save_checkpoint(
-    path: str | Path,
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds, as host (CPU) copies taken at one instant: what
+    ``snapshot`` returns and ``write_checkpoint`` writes. Training may go on changing the live
+    model and optimizer while another thread writes a snapshot (``ssd.train_hooks``)."""
+
+    model: dict[str, Any]
+    training: dict[str, Any]
+    meta: dict[str, Any]
+    config_yaml: str
+
+
+def host_copy(value: Any) -> Any:
+    """``value`` (nested dicts, lists and tuples of tensors and plain values) with every tensor
+    copied to host memory: a copy even of a CPU tensor, so that later in-place updates of the
+    live one do not reach it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(v) for v in value)
+    return value
+
+
+def snapshot(
     *,
     model: nn.Module,
     epoch: int,
@@ -89,20 +117,12 @@ def save_checkpoint(
     scaler: Any | None = None,
     metrics: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write a checkpoint directory at ``path`` atomically (replacing one already there).
-
-    ``epoch`` is the number of epochs completed: a run resumed from it starts at epoch ``epoch``
-    (0-based) with the optimizer, scheduler and RNG exactly as they were.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    epoch_step: int = 0,
+) -> TrainingState:
+    """Host copies of the training state now (``save_checkpoint``'s arguments); on CUDA the
+    copies wait for the device once, here, and never again."""
     training = {
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": host_copy(optimizer.state_dict()) if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": torch.get_rng_state(),
@@ -111,23 +131,47 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "epoch": int(epoch),
         "step": int(step),
+        "epoch_step": int(epoch_step),
         "classes": list(classes),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "extra": dict(extra or {}),
     }
-    torch.save(unwrap(model).state_dict(), tmp / "model.pt")
-    torch.save(training, tmp / "training.pt")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    (tmp / "config.yaml").write_text(config.to_yaml())
+    return TrainingState(host_copy(unwrap(model).state_dict()), training, meta, config.to_yaml())
+
+
+def write_checkpoint(path: str | Path, state: TrainingState) -> Path:
+    """Write ``state`` as a checkpoint directory at ``path`` atomically (replacing one there);
+    safe to call from a background thread."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    torch.save(state.model, tmp / "model.pt")
+    torch.save(state.training, tmp / "training.pt")
+    (tmp / "meta.json").write_text(json.dumps(state.meta, indent=2, sort_keys=True))
+    (tmp / "config.yaml").write_text(state.config_yaml)
     _fsync_tree(tmp)
     if path.exists():  # swap: the old one is renamed away first, then deleted
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        old = path.parent / f".{path.name}.old-{os.getpid()}-{threading.get_ident()}"
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
     return path
+
+
+def save_checkpoint(path: str | Path, **state: Any) -> Path:
+    """Write a checkpoint directory at ``path`` atomically (replacing one already there): the
+    keyword arguments of :func:`snapshot`.
+
+    ``epoch`` is the number of epochs completed and ``epoch_step`` the steps done in the next
+    one (0 at an epoch's end): a run resumed from it starts at epoch ``epoch`` (0-based), after
+    ``epoch_step`` batches of it, with the optimizer, scheduler and RNG exactly as they were.
+    """
+    return write_checkpoint(path, snapshot(**state))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -164,6 +208,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         rng=training["rng"],
         metrics=meta["metrics"],
         extra=meta.get("extra", {}),
+        epoch_step=int(meta.get("epoch_step", 0)),  # absent from checkpoints before mid-epoch ones
     )
 
 

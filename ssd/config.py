@@ -288,6 +288,12 @@ class TrainConfig:
     #: the training device after decoding there; ssd.device_augment), "auto" (device on a
     #: GPU, cpu otherwise)
     augment_on: str = "auto"
+    #: also a checkpoint every this many optimizer steps (0: only at epochs' ends), and/or
+    #: after this many minutes since the last one (0: off; checked at log points). Taken
+    #: mid-epoch, a checkpoint resumes after the batches already trained; it is written from a
+    #: host copy by a background thread (``ssd.train_hooks.CheckpointReport``)
+    checkpoint_every_iters: int = 0
+    checkpoint_every_minutes: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs is None and self.max_iters is None:
@@ -306,6 +312,8 @@ class TrainConfig:
             channels_last=Bool(),
             compile=Bool(),
             augment_on=OneOf(("auto", "cpu", "device")),
+            checkpoint_every_iters=Int(">= 0"),
+            checkpoint_every_minutes=Num(">= 0"),
         )
         if self.epochs is not None and self.max_iters is not None:
             raise ConfigError(

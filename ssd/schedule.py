@@ -181,9 +181,9 @@ def plan_schedule(cfg: Config, num_train_samples: int, world_size: int) -> Sched
         warmup_iters=effective_warmup(optim, iterations))
 
 
-#: keys that do not change what a recipe trains (how often it is scored, the memory layout)
+#: keys that do not change what a recipe trains (how often it is scored or saved, the memory layout)
 _RECIPE_NEUTRAL = ("train.eval_every", "train.eval_budget", "train.channels_last", "train.seed", "train.compile",
-                   "train.augment_on")
+                   "train.augment_on", "train.checkpoint_every_iters", "train.checkpoint_every_minutes")
 
 
 def recipe_deviations(cfg: Config) -> list[str]:

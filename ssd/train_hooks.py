@@ -9,7 +9,8 @@ In the order ``ssd.training.run_training`` installs them:
 - :class:`EpochSummary`: the epoch's losses averaged over ranks;
 - :class:`PeriodicEvaluation`: validation every K epochs or within a time budget, always at the end;
 - :class:`EpochLog`: epoch metrics to MLflow and the epoch line;
-- :class:`CheckpointReport`: ``report(metrics, save)`` once per epoch (Ray Train's checkpoints).
+- :class:`CheckpointReport`: ``report(metrics, save)`` once per epoch and, if asked, every N
+  iterations or minutes mid-epoch (Ray Train's checkpoints).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ssd.checkpoint import save_checkpoint, unwrap
+from ssd.checkpoint import TrainingState, snapshot, unwrap, write_checkpoint
+from ssd.data.streaming import epoch_seed
 from ssd.engine import metrics_to_host
 from ssd.train_loop import HookBase
 
@@ -39,7 +41,7 @@ SCORE = "mAP"
 #: null in its checkpoint snapshot, and a resumed run then fails comparing None scores.
 NOT_EVALUATED = -1.0
 
-SaveFn = Callable[[Path], None]
+SaveFn = Callable[[Path], Path]
 ReportFn = Callable[[dict[str, Any], SaveFn | None], None]
 
 
@@ -59,11 +61,6 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(tensor)
     tensor /= dist.get_world_size()
     return dict(zip(keys, tensor.tolist(), strict=True))
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The global RNG seed of one rank's epoch (drives augmentation and loader worker seeds)."""
-    return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**63)
 
 
 def format_duration(seconds: float) -> str:
@@ -364,19 +361,66 @@ class EpochLog(HookBase):
 
 
 class CheckpointReport(HookBase):
-    """Calls ``report(metrics, save)`` after every epoch on every rank; ``save`` (rank 0 only,
-    None elsewhere) writes the checkpoint (model, optimizer, schedule, metrics, ``extra``)."""
+    """Calls ``report(metrics, save)`` on every rank after every epoch, and mid-epoch every
+    ``every_iters`` optimizer steps and/or after ``every_minutes`` since the last checkpoint.
+    ``save(path)`` (rank 0 only, None elsewhere) writes the checkpoint (model, optimizer,
+    schedule, metrics, ``extra``) from host copies taken when ``report`` was called, so it may
+    run in a background thread while training goes on (``ssd.distributed.trainer`` does that).
+
+    A mid-epoch report's metrics are ``epoch`` (epochs completed), ``step`` (the iteration),
+    ``epoch_step`` (batches of the current epoch trained: a resumed run passes over them),
+    ``mAP`` = ``NOT_EVALUATED`` and ``best_mAP``. Every rank must take the same decision
+    (``report`` is a barrier in Ray Train): the iteration rule is the same everywhere, and the
+    time rule is checked at log points only, on the elapsed time maxed over the ranks.
+    """
 
     def __init__(self, report: ReportFn, cfg: Any, classes: list[str],
-                 optimizer: torch.optim.Optimizer, scheduler: Any, extra: dict[str, Any]) -> None:
+                 optimizer: torch.optim.Optimizer, scheduler: Any, extra: dict[str, Any], *,
+                 best: float = NOT_EVALUATED, log_every: int = 20, device: torch.device | None = None) -> None:
         self.report, self.cfg, self.classes = report, cfg, classes
         self.optimizer, self.scheduler, self.extra = optimizer, scheduler, extra
+        self.every_iters = int(cfg.train.checkpoint_every_iters)
+        self.every_seconds = 60.0 * float(cfg.train.checkpoint_every_minutes)
+        self.best, self.log_every = best, max(1, log_every)
+        self.device = device or torch.device("cpu")
+        self.last_save = time.perf_counter()
 
-    def after_epoch(self) -> None:
-        metrics = self.loop.epoch_metrics
-        save = functools.partial(
-            save_checkpoint, model=self.loop.runner.model, epoch=self.loop.epoch_number, step=self.loop.runner.iteration,
+    def _save_fn(self, metrics: dict[str, Any], epoch: int, epoch_step: int) -> SaveFn | None:
+        if world()[0] != 0:
+            return None
+        state = snapshot(
+            model=self.loop.runner.model, epoch=epoch, step=self.loop.runner.iteration, epoch_step=epoch_step,
             config=self.cfg, classes=self.classes, optimizer=self.optimizer, scheduler=self.scheduler,
             scaler=self.loop.runner.scaler,  # fp16's loss scale (None otherwise)
             metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))}, extra=self.extra)
-        self.report(dict(metrics), save if world()[0] == 0 else None)
+        return functools.partial(_write, state=state)
+
+    def _due_mid_epoch(self) -> bool:
+        loop = self.loop
+        if loop.step >= loop.epoch_steps:  # the epoch's end reports anyway
+            return False
+        if self.every_iters and loop.runner.iteration % self.every_iters == 0:
+            return True
+        if self.every_seconds and loop.step % self.log_every == 0:
+            elapsed = max_over_ranks([time.perf_counter() - self.last_save], self.device)[0]
+            return elapsed >= self.every_seconds
+        return False
+
+    def after_step(self) -> None:
+        if not self._due_mid_epoch():
+            return
+        self.loop.runner.check_finite()  # never a checkpoint of broken weights
+        metrics = {"epoch": self.loop.epoch, "step": self.loop.runner.iteration, "epoch_step": self.loop.step,
+                   SCORE: NOT_EVALUATED, "best_mAP": self.best}
+        self.report(dict(metrics), self._save_fn(metrics, self.loop.epoch, self.loop.step))
+        self.last_save = time.perf_counter()
+
+    def after_epoch(self) -> None:
+        metrics = self.loop.epoch_metrics
+        self.best = metrics.get("best_mAP", self.best)
+        self.report(dict(metrics), self._save_fn(metrics, self.loop.epoch_number, 0))
+        self.last_save = time.perf_counter()
+
+
+def _write(path: Path, state: TrainingState) -> Path:
+    return write_checkpoint(path, state)

@@ -12,6 +12,7 @@ lines, MLflow, evaluation, checkpoints, failure injection) is a :class:`HookBase
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -76,11 +77,15 @@ class TrainLoop:
         for hook in self.hooks:
             getattr(hook, point)()
 
-    def train(self, start_epoch: int, epochs: int, max_iters: int | None = None) -> dict[str, Any]:
+    def train(self, start_epoch: int, epochs: int, max_iters: int | None = None, start_step: int = 0) -> dict[str, Any]:
         """Run epochs ``start_epoch`` .. ``epochs - 1``; with ``max_iters``, stop as soon as the
         runner has made that many optimizer steps (``runner.iteration``), possibly mid-epoch:
         that epoch's ``after_epoch`` hooks still run, and it is the last. Returns the last
         epoch's metrics.
+
+        ``start_step``: the first epoch starts after that many of its batches (a checkpoint
+        taken mid-epoch); the loader's ``skip_next`` passes over them without decoding (a loader
+        without it is read and the batches dropped). Its epoch metrics cover the steps run here.
 
         Steps never wait for the device; a non-finite loss raises ``FloatingPointError`` at the
         next log point (``StepProgress``) or, at the latest, at the epoch's end, before any
@@ -91,10 +96,19 @@ class TrainLoop:
             left = None if max_iters is None else max_iters - self.runner.iteration
             if left is not None and left <= 0:
                 break
-            self.epoch_steps = self.steps_per_epoch if left is None else min(self.steps_per_epoch, left)
-            self.epoch_metrics, self.meter, self.step = {}, MeanMeter(), 0
+            skip, start_step = start_step, 0
+            self.epoch_steps = self.steps_per_epoch if left is None else min(self.steps_per_epoch, skip + left)
+            self.epoch_metrics, self.meter, self.step = {}, MeanMeter(), skip
             self._call("before_epoch")
-            for images, targets in self.loader:
+            announce = getattr(self.loader, "set_next_epoch", None)
+            if announce is not None:  # its workers start before this epoch's end hooks run
+                announce(None if self.last_epoch else self.epoch + 1)
+            batches: Iterable[Batch] = self.loader
+            if skip and hasattr(self.loader, "skip_next"):
+                self.loader.skip_next(skip)
+            elif skip:
+                batches = itertools.islice(self.loader, skip, None)
+            for images, targets in batches:
                 self.step += 1
                 self._call("before_step")
                 self.step_metrics = self.runner.step(images, targets)

@@ -16,13 +16,16 @@ shards, and evaluation states are gathered on rank 0, which computes pycocotools
 mAP for VOC data). Without it, the same code trains in one process (tests, notebooks).
 
 How checkpoints leave this module: ``run_training`` calls ``report(metrics, save)`` once per
-epoch on every rank; ``save`` (rank 0 only, None elsewhere) writes the checkpoint directory
-where the caller wants it (Ray: a temporary folder handed to ``ray.train.report``).
+epoch on every rank, and mid-epoch every ``train.checkpoint_every_iters`` steps or
+``train.checkpoint_every_minutes``; ``save`` (rank 0 only, None elsewhere) writes the checkpoint
+directory where the caller wants it, from host copies, so it may run in a background thread
+(Ray: ``ray.train.report``'s asynchronous upload).
 
 Resuming: from a checkpoint of epoch ``e`` the run continues at epoch ``e`` with the model,
-optimizer and LR schedule restored. The data order and the augmentation draws of an epoch
-depend only on (seed, epoch, rank), so a resumed run trains on exactly what the unbroken run
-would have.
+optimizer and LR schedule restored, after the ``epoch_step`` batches of it that a mid-epoch
+checkpoint had trained (passed over without decoding, their random draws replayed). The data
+order and the augmentation draws of an epoch depend only on (seed, epoch, rank), so a resumed
+run trains on exactly what the unbroken run would have.
 """
 
 from __future__ import annotations
@@ -298,22 +301,25 @@ def run_training(
                 scaler=runner.scaler if runner.scaler is not None and resume.scaler is not None else None)
         runner.iteration = resume.step
         best = resume.metrics.get("best_mAP", NOT_EVALUATED)
+    start_step = _resume_step(resume, steps_per_epoch, world_size, rank)
     # epochs are passes of steps_per_epoch steps (the plan's iterations per epoch, or a few fewer
-    # when the shard split cannot fill them on every rank); the last may be cut short
-    epochs = start_epoch + math.ceil((plan.iterations - runner.iteration) / steps_per_epoch)
+    # when the shard split cannot fill them on every rank); the last may be cut short, the first
+    # of a run resumed mid-epoch starts after start_step of them
+    epochs = start_epoch + math.ceil((plan.iterations - runner.iteration + start_step) / steps_per_epoch)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"{cfg.model.arch}: {params / 1e6:.2f} M parameters, {cfg.priors.num_priors()} priors; "
               f"{train_set.num_samples} training images in {len(train_set.urls)} shards, {world_size} rank(s) x "
               f"{steps_per_epoch} steps of {plan.per_worker_batch} per epoch; {val_set.num_samples} validation "
               f"images; device {device}, AMP {amp_dtype or 'off'}"
-              + (f"; resumed from epoch {start_epoch} (step {resume.step})" if resume is not None else ""),
+              + (f"; resumed from epoch {start_epoch} (step {resume.step})" if resume is not None else "")
+              + (f", {start_step} batches into epoch {start_epoch + 1}" if start_step else ""),
               flush=True)
         print(plan.recipe(steps_per_epoch, recipe_title(cfg),
                           _recipe_extra(cfg, backbone, resume, init_state is not None)), flush=True)
 
     progress = Progress(epochs, steps_per_epoch, enabled=rank == 0,
-                        total_iters=start_epoch * steps_per_epoch + plan.iterations - runner.iteration)
+                        total_iters=start_epoch * steps_per_epoch + start_step + plan.iterations - runner.iteration)
     hooks: list[HookBase] = [
         EpochSeed(cfg.train.seed, rank),
         freeze,
@@ -334,8 +340,29 @@ def run_training(
     if report is not None:
         extra = {"mlflow_run_id": options.mlflow_run_id, "world_size": world_size,
                  "train_data": options.train_data, "val_data": options.val_data}
-        hooks.append(CheckpointReport(report, cfg, list(train_set.classes), optimizer, scheduler, extra))
-    return TrainLoop(runner, train_loader, hooks, steps_per_epoch).train(start_epoch, epochs, plan.iterations)
+        hooks.append(CheckpointReport(report, cfg, list(train_set.classes), optimizer, scheduler, extra,
+                                      best=best, log_every=options.log_every, device=device))
+    return TrainLoop(runner, train_loader, hooks, steps_per_epoch).train(start_epoch, epochs, plan.iterations,
+                                                                         start_step=start_step)
+
+
+def _resume_step(resume: Checkpoint | None, steps_per_epoch: int, world_size: int, rank: int) -> int:
+    """Batches of the resumed epoch already trained (0 unless the checkpoint was taken mid-epoch).
+
+    They are the same batches only with the same ranks: another world size splits the epoch's
+    samples differently, so the rest of that epoch then reads the new split from the same point
+    (some samples twice, some not at all, in that epoch only)."""
+    if resume is None or resume.epoch_step <= 0:
+        return 0
+    if resume.epoch_step >= steps_per_epoch:
+        raise ValueError(f"the checkpoint was taken {resume.epoch_step} steps into an epoch of {steps_per_epoch}: "
+                         "the data or the batch changed since")
+    saved_world = resume.extra.get("world_size")
+    if rank == 0 and saved_world is not None and int(saved_world) != world_size:
+        print(f"note: the checkpoint was taken mid-epoch with {saved_world} worker(s), this run has {world_size}: "
+              f"the rest of epoch {resume.epoch + 1} reads this run's split from step {resume.epoch_step + 1}",
+              flush=True)
+    return resume.epoch_step
 
 
 def _recipe_extra(cfg: Config, backbone: BackboneWeights | None, resume: Checkpoint | None,

@@ -636,8 +636,12 @@ class SSDAugment(RandomTransform):
 
     def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
         height, width = image.shape[-2:]
-        params = sample_augment_params(height, width, target["boxes"], self.strength, generator=self.generator)
-        return apply_augment_params(image, target, params, self.fill)
+        return apply_augment_params(image, target, self.draw(height, width, target), self.fill)
+
+    def draw(self, height: int, width: int, target: Target) -> AugmentParams:
+        """The random draws of ``__call__`` on an image of this size, without its pixels: a
+        resumed run passes over the samples it already trained on this way (``ssd.data.streaming``)."""
+        return sample_augment_params(height, width, target["boxes"], self.strength, generator=self.generator)
 
 
 # --------------------------------------------------------------------------------------------
@@ -781,6 +785,21 @@ class Compose:
         for transform in self.transforms:
             image, target = transform(image, target)
         return image, target
+
+    @property
+    def drawable(self) -> bool:
+        """Whether ``draw`` can replay this chain's random draws: its only random step is an
+        ``SSDAugment`` at the front (``build_transform``'s chains), where it sees the input's size."""
+        random_steps = [i for i, t in enumerate(self.transforms) if isinstance(t, RandomTransform)]
+        return all(i == 0 and isinstance(self.transforms[i], SSDAugment) for i in random_steps)
+
+    def draw(self, height: int, width: int, target: Target) -> None:
+        """Consume exactly the random numbers that ``self(image, target)`` would on an image of
+        ``height`` x ``width``, without decoding or touching pixels (see ``drawable``)."""
+        if not self.drawable:
+            raise TypeError(f"cannot replay the random draws of {self!r} without pixels")
+        if self.transforms and isinstance(self.transforms[0], SSDAugment):
+            self.transforms[0].draw(height, width, target)
 
     def __repr__(self) -> str:
         body = "".join(f"\n    {t!r}," for t in self.transforms)

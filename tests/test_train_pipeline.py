@@ -1,5 +1,6 @@
 """pipelines/train.py on a local Ray cluster: bad requests fail fast, and a worker that dies
-mid-run is replaced and the run resumes from its last checkpoint without redoing epochs."""
+mid-run is replaced and the run resumes from its last checkpoint (mid-epoch) without redoing
+trained batches."""
 
 from __future__ import annotations
 
@@ -161,9 +162,12 @@ def test_worker_death_resumes_from_checkpoint_and_resume_continues(shards, tmp_p
     # MLflow unreachable (nothing listens on port 9): the run must warn and train on regardless
     common = ["--data", str(shards), "--workers", "2", "--address", "local", "--mlflow-uri", "http://127.0.0.1:9",
               "--log-every", "1",
-              "--storage-path", str(storage), "train.batch_size=16", "train.eval_every=2"]  # 8 per worker
+              "--storage-path", str(storage)]
+    overrides = ["train.batch_size=16", "train.eval_every=2"]  # 8 per worker
+    # a checkpoint every 2 steps too: the failure at epoch 2 step 3 resumes 2 batches into epoch 2
     out = _train([*common, "--name", "faulty", "--epochs", "3", "--inject-failure", "2:3:1",
-                  "--summary-json", str(tmp_path / "summary.json")], tmp_path, timeout=420)
+                  "--summary-json", str(tmp_path / "summary.json"), *overrides, "train.checkpoint_every_iters=2"],
+                 tmp_path, timeout=420)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "MLflow at http://127.0.0.1:9 failed to start the run; tracking is off" in log
@@ -172,10 +176,13 @@ def test_worker_death_resumes_from_checkpoint_and_resume_continues(shards, tmp_p
     assert log.count("worker failure, restarting the workers from the last checkpoint: rank 1: the worker process "
                      "died") == 1, log[-4000:]
     assert "Traceback" not in log and "Error in training function" not in log, log[-4000:]
-    assert "resuming from" in log and "(epoch 1 done)" in log
+    assert re.search(r"resuming from \S+checkpoint-epoch-0001-iter-0000006 \(epoch 1 done, 2 batches into epoch 2\)",
+                     log), log[-4000:]
     assert _finished_epochs(log) == [1, 2, 3]  # epoch 1 is not trained twice
-    # the replacement workers redo epoch 2 from its start, with the same data and weights
-    before, after = re.findall(r"epoch 2/3 step 1/4  loss (\S+)", log)
+    # the replacement workers skip epoch 2's first 2 batches (trained once) and redo step 3 with
+    # the same data and weights
+    assert len(re.findall(r"epoch 2/3 step 1/4  loss", log)) == 1, log[-4000:]
+    before, after = re.findall(r"epoch 2/3 step 3/4  loss (\S+)", log)
     assert before == after
     summary = json.loads((tmp_path / "summary.json").read_text())
     last = load_checkpoint(summary["last_checkpoint"])
@@ -183,7 +190,7 @@ def test_worker_death_resumes_from_checkpoint_and_resume_continues(shards, tmp_p
 
     # --resume NAME continues the stopped run where it stopped: only the new epoch trains
     again = _train([*common, "--resume", "faulty", "--epochs", "4", "--summary-json",
-                    str(tmp_path / "summary2.json")], tmp_path, timeout=300)
+                    str(tmp_path / "summary2.json"), *overrides], tmp_path, timeout=300)
     log = again.stdout + again.stderr
     assert again.returncode == 0, log[-4000:]
     assert _finished_epochs(log) == [4]

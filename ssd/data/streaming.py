@@ -12,6 +12,8 @@ The on-disk format (``ShardSet``, ``dataset.json``) is ``ssd.data.shards``; this
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import math
 import random
@@ -25,6 +27,12 @@ from torch import Tensor
 from ssd.boxes import PER_OBJECT_KEYS
 from ssd.data.sharding import ShardSlice, rank_slices, shard_order, steps_per_epoch, worker_split
 from ssd.data.shards import ShardFormatError, ShardSet, to_readable_url
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The RNG seed of one rank's epoch: the training process's global RNG (``EpochSeed``) and
+    its loader workers' seeds (worker ``w``: this + ``w``, torch's rule) derive from it."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**63)
 
 
 def decode_sample(sample: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -80,6 +88,14 @@ def _select(target: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
     return {k: (v[keep] if k in PER_OBJECT_KEYS else v) for k, v in target.items()}
 
 
+class PassedOver:
+    """What a stream yields, and a collate returns, for samples a resumed run already trained
+    on: ``count`` samples whose random draws were made, without their pixels."""
+
+    def __init__(self, count: int = 1) -> None:
+        self.count = count
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """This rank's samples for one epoch, decoded and transformed; split across DataLoader workers.
 
@@ -126,9 +142,25 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.keep_difficult = keep_difficult
         self.epoch = 0
+        #: DataLoader worker -> how many of its first samples to pass over (``PassedOver``)
+        self.pass_over: dict[int, int] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def worker_counts(self, num_workers: int) -> list[int]:
+        """Samples each of ``num_workers`` DataLoader workers (0: the main process) reads this epoch."""
+        counts = []
+        workers = max(1, num_workers)
+        for worker in range(workers):
+            slices, step, offset = worker_split(self.rank_slices(), workers, worker)
+            kept = sum(s.kept(self.shards.counts[s.shard]) for s in slices)
+            counts.append(len(range(offset, kept, step)))
+        return counts
+
+    def can_pass_over(self) -> bool:
+        """Whether a sample's random draws can be made without its pixels (``pass_over``)."""
+        return self.prepare is not None or self.transform is None or bool(getattr(self.transform, "drawable", False))
 
     def rank_slices(self) -> list[ShardSlice]:
         order = shard_order(len(self.shards.urls), self.seed, self.epoch, shuffle=self.train)
@@ -166,23 +198,37 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.train and self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
             samples = wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        for sample in samples:
+        pass_over = self.pass_over.get(worker, 0)
+        for index, sample in enumerate(samples):
+            if index < pass_over:  # trained before a mid-epoch checkpoint: only the random draws
+                _, height, width, target = read_sample(sample)
+                target = self._train_target(target)
+                if self.prepare is not None:
+                    self.prepare(height, width, target)
+                elif self.transform is not None:
+                    self.transform.draw(height, width, target)
+                yield PassedOver()
+                continue
             if self.prepare is not None:
                 data, height, width, target = read_sample(sample)
             else:
                 image, target = decode_sample(sample)
-            if self.train:
-                keep = ~target["iscrowd"]
-                if not self.keep_difficult:
-                    keep &= ~target["difficult"]
-                if not bool(keep.all()):
-                    target = _select(target, keep)
+            target = self._train_target(target)
             if self.prepare is not None:
                 yield data, *self.prepare(height, width, target)
                 continue
             if self.transform is not None:
                 image, target = self.transform(image, target)
             yield image, target
+
+    def _train_target(self, target: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Training drops crowd regions (and, unless ``keep_difficult``, difficult objects)."""
+        if not self.train:
+            return target
+        keep = ~target["iscrowd"]
+        if not self.keep_difficult:
+            keep &= ~target["difficult"]
+        return target if bool(keep.all()) else _select(target, keep)
 
 
 def pack_batch(samples: list) -> tuple[Tensor, dict[str, Tensor]]:
@@ -193,8 +239,16 @@ def pack_batch(samples: list) -> tuple[Tensor, dict[str, Tensor]]:
     main process's biggest cost. Packed, a batch is a handful of tensors whatever its size:
     per-object keys concatenated over images with ``counts`` (B,), per-image keys stacked.
     """
+    if isinstance(samples[0], PassedOver):
+        return _passed_over(samples)
     images, targets = zip(*samples)
     return torch.stack(images), pack_targets(targets)
+
+
+def _passed_over(samples: list) -> PassedOver:
+    if not all(isinstance(sample, PassedOver) for sample in samples):  # ShardLoader cuts whole batches
+        raise RuntimeError("a batch mixes passed-over samples with trained ones")
+    return PassedOver(len(samples))
 
 
 def pack_targets(targets) -> dict[str, Tensor]:
@@ -210,6 +264,8 @@ def pack_raw_batch(samples: list) -> tuple[Tensor, Tensor, list, dict[str, Tenso
     """Collate of the device-augmentation mode: (jpeg bytes, target, params) samples ->
     (all bytes concatenated (sum L,) uint8, lengths (B,), params list, packed targets): a few
     tensors per batch, as ``pack_batch``."""
+    if isinstance(samples[0], PassedOver):
+        return _passed_over(samples)
     datas, targets, params = zip(*samples)
     return torch.cat(datas), torch.tensor([len(d) for d in datas]), list(params), pack_targets(targets)
 
@@ -234,7 +290,9 @@ class ShardLoader:
 
     Training yields exactly ``len(self)`` full batches on every rank. Evaluation yields every
     sample of this rank once, in full batches except the last. Call ``set_epoch`` before each
-    epoch (it reshuffles; workers are started per epoch so they see it).
+    epoch (it reshuffles; workers are started per epoch so they see it), ``skip_next(n)`` to
+    start the next pass after its first ``n`` batches (a run resumed mid-epoch), and
+    ``set_next_epoch`` to have the next pass's workers start before this pass ends.
     """
 
     def __init__(
@@ -253,38 +311,101 @@ class ShardLoader:
         self._train_steps = (
             steps_per_epoch(stream.shards.counts, stream.world_size, batch_size) if stream.train else None
         )
+        self._skip = 0
+        self._next_epoch: int | None = None
+        self._ahead: tuple[int, Iterator[Any]] | None = None  # the next pass, started early
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
+
+    def skip_next(self, batches: int) -> None:
+        """The next pass starts after its first ``batches`` batches, which are exactly the ones
+        an unbroken pass would have yielded first, random draws included: each sample of them
+        is read (tar bytes, annotation) and its augmentation drawn, never decoded."""
+        self._skip = batches
+
+    def _pass_over_counts(self, stream: ShardStream, batches: int) -> dict[int, int] | None:
+        """worker -> samples to pass over so that the first ``batches`` batches are passed over,
+        or None when that is not a whole number of each worker's batches (a worker runs out
+        within them): then they are decoded and dropped, slower but the same.
+
+        The DataLoader takes batches from its workers round robin (worker ``i % W`` makes batch
+        ``i``) while none has run out."""
+        workers = max(1, self.num_workers)
+        counts = stream.worker_counts(self.num_workers)
+        per_worker = [batches // workers + (w < batches % workers) for w in range(workers)]
+        if not stream.can_pass_over() or any(b * self.batch_size > n for b, n in zip(per_worker, counts)):
+            return None
+        return {w: b * self.batch_size for w, b in enumerate(per_worker)}
 
     def __len__(self) -> int:
         if self._train_steps is not None:
             return self._train_steps
         return math.ceil(self.stream.num_rank_samples() / self.batch_size)
 
+    def set_next_epoch(self, epoch: int | None) -> None:
+        """Announce the pass after the next one to run (None: it is the last). When that pass
+        hands out its last batch, the next pass's workers start (``num_workers`` > 0):
+        they fork and fill their buffers while the last step, evaluation and checkpoint run,
+        instead of after them."""
+        self._next_epoch = epoch
+
+    def _start(self, epoch: int, skip: int) -> tuple[Iterator[Any], bool]:
+        """A started DataLoader iterator over pass ``epoch`` and whether its first ``skip``
+        batches come as ``PassedOver`` (False: they come decoded, to be dropped).
+
+        The workers' seeds depend only on (seed, epoch, rank), whenever the pass starts."""
+        stream = copy.copy(self.stream)  # this pass's copy (workers pickle it)
+        stream.epoch = epoch
+        pass_over = self._pass_over_counts(stream, skip) if skip else None
+        stream.pass_over = pass_over or {}
+        generator = torch.Generator().manual_seed(epoch_seed(stream.seed, epoch, stream.rank))
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=pack_raw_batch if stream.prepare is not None else pack_batch,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            generator=generator,
+        )
+        return iter(loader), pass_over is not None
+
     def __iter__(self) -> Iterator[tuple[Tensor, list[dict[str, Tensor]]]]:
         # Workers batch their own samples; the last batch of each worker is partial, so batches
         # are re-cut here into full ones (training must run the same full steps on every rank).
-        loader = torch.utils.data.DataLoader(
-            self.stream,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=pack_raw_batch if self.stream.prepare is not None else pack_batch,
-            pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
-        )
+        skip, self._skip = self._skip, 0
+        epoch, ahead, self._ahead = self.stream.epoch, self._ahead, None
+        if ahead is not None and ahead[0] == epoch and not skip:
+            raw, passing_over = ahead[1], False
+        else:
+            raw, passing_over = self._start(epoch, skip)
         limit = len(self) if self._train_steps is not None else None
         produced = 0
+        # a resumed pass's first batches: whole batches of PassedOver (workers made their random
+        # draws); otherwise decoded batches dropped below
+        trained = (batch for batch in raw if not isinstance(batch, PassedOver))
         if self.stream.prepare is not None:  # images: [(jpeg bytes, params)] per sample
             batches = ((_unpack_raw(datas, lengths, params), unpack_targets(packed))
-                       for datas, lengths, params, packed in loader)
+                       for datas, lengths, params, packed in trained)
         else:
-            batches = ((images, unpack_targets(packed)) for images, packed in loader)
-        for batch in rebatch(batches, self.batch_size, drop_last=self._train_steps is not None):
-            yield batch
+            batches = ((images, unpack_targets(packed)) for images, packed in trained)
+        batches = rebatch(batches, self.batch_size, drop_last=self._train_steps is not None)
+        if skip:
+            produced = skip
+            if not passing_over:
+                batches = itertools.islice(batches, skip, None)
+        if limit is not None and produced >= limit:
+            return
+        for batch in batches:
             produced += 1
             if limit is not None and produced == limit:
+                if self._next_epoch is not None and self.num_workers > 0:  # announced for this pass only
+                    self._ahead = (self._next_epoch, self._start(self._next_epoch, 0)[0])
+                self._next_epoch = None
+                yield batch
                 return
+            yield batch
         if limit is not None and produced < limit:
             raise RuntimeError(
                 f"rank {self.stream.rank} produced {produced} of {limit} batches: the shards hold "

@@ -5,13 +5,15 @@ The training itself is ``ssd.training.run_training``; this module only supplies 
 the rank's device (``ray.train.torch.get_device``), the checkpoint to resume from
 (``ray.train.get_checkpoint``: after a worker failure, the last reported one) and where
 checkpoints go (``ray.train.report``, which persists them under ``storage_path/name`` and keeps
-the best ``num_to_keep`` by validation mAP, plus always the latest).
+the best ``num_to_keep`` by validation mAP, plus always the latest), written and uploaded in
+Ray's background upload thread from host copies, so a checkpoint does not stall training.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,13 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+from ray.train import (
+    CheckpointConfig,
+    CheckpointUploadMode,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+)
 
 from ssd import storage
 from ssd.checkpoint import load_checkpoint
@@ -61,23 +69,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder, errors_are_permanent(f"checkpoint {checkpoint.path}"):
             resume = load_checkpoint(folder)
         if rank == 0:
-            print(f"resuming from {checkpoint.path} (epoch {resume.epoch} done)", flush=True)
+            into = f", {resume.epoch_step} batches into epoch {resume.epoch + 1}" if resume.epoch_step else ""
+            print(f"resuming from {checkpoint.path} (epoch {resume.epoch} done{into})", flush=True)
 
     tracker = None
     if rank == 0 and options.mlflow_run_id:
         tracker = Tracker.attach(options.tracking_uri, options.mlflow_run_id)
 
     def report(metrics: dict[str, Any], save) -> None:
-        name = f"{CHECKPOINT_PREFIX}{int(metrics['epoch']):04d}"
+        name = checkpoint_name(metrics)
         metrics = {k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()}
         if save is None:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            save(path)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
-                             checkpoint_dir_name=name)
+        ray.train.report(metrics, checkpoint_dir_name=name, **background_upload(save, name))
 
     if rank == 0 and loop_config.get("placement_group_file"):
         _write_placement_group(loop_config["placement_group_file"])
@@ -89,6 +94,40 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         backbone = ray.get(loop_config["backbone"])  # the driver's pretrained backbone, once per worker
     run_training(cfg, options, device=device, report=report, resume=resume, tracker=tracker, init_state=init_state,
                  backbone=backbone)
+
+
+def checkpoint_name(metrics: dict[str, Any]) -> str:
+    """``checkpoint-epoch-0003`` after epoch 3; ``checkpoint-epoch-0003-iter-0001234`` for one
+    taken mid-epoch (epoch 3 done, optimizer step 1234), which sorts after it."""
+    name = f"{CHECKPOINT_PREFIX}{int(metrics['epoch']):04d}"
+    if metrics.get("epoch_step"):
+        name += f"-iter-{int(metrics['step']):07d}"
+    return name
+
+
+def background_upload(save, name: str) -> dict[str, Any]:
+    """``ray.train.report`` arguments that write and upload a checkpoint in Ray's upload thread:
+    ``save`` (host copies, taken at the report) writes it into a local staging folder, then it
+    is copied to the run's storage and the staging folder removed. Training goes on meanwhile;
+    Ray still registers checkpoints in report order and flushes the last before the run ends.
+
+    Ray hands ``checkpoint_upload_fn`` the (empty) staging checkpoint; the copy to storage is
+    the one Ray's own upload does (``StorageContext.persist_current_checkpoint``, Ray 2.60)."""
+    storage_context = ray.train.get_context().get_storage()
+    staging = Path(tempfile.mkdtemp(prefix="ssd-checkpoint-"))
+    (staging / name).mkdir()
+
+    def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        try:
+            save(staging / name)
+            return storage_context.persist_current_checkpoint(
+                ray.train.Checkpoint.from_directory(str(staging / name)), dir_name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    return {"checkpoint": ray.train.Checkpoint.from_directory(str(staging / name)),
+            "checkpoint_upload_mode": CheckpointUploadMode.ASYNC, "checkpoint_upload_fn": upload,
+            "delete_local_checkpoint_after_upload": False}
 
 
 def _write_placement_group(location: str) -> None:

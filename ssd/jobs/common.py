@@ -135,7 +135,8 @@ def resolve_data(
 
 
 def latest_checkpoint(run_dir: str | Path) -> str | None:
-    """The checkpoint of the highest epoch in a run folder (a path or an ``s3://`` URI), or None.
+    """The latest checkpoint in a run folder (a path or an ``s3://`` URI): the highest optimizer
+    step, then epoch (a mid-epoch checkpoint comes after its epoch's start), or None.
 
     Only each checkpoint's ``meta.json`` is read, never its weights.
     """
@@ -145,10 +146,11 @@ def latest_checkpoint(run_dir: str | Path) -> str | None:
             continue
         folder = storage.join(run_dir, name)
         try:
-            found.append((json.loads(storage.read_text(storage.join(folder, "meta.json")))["epoch"], folder))
-        except (OSError, ValueError, KeyError):  # a partial upload or a foreign folder
+            meta = json.loads(storage.read_text(storage.join(folder, "meta.json")))
+            found.append((int(meta["step"]), int(meta["epoch"]), folder))
+        except (OSError, ValueError, KeyError, TypeError):  # a partial upload or a foreign folder
             continue
-    return max(found)[1] if found else None
+    return max(found)[2] if found else None
 
 
 def checkpoint_summary(folder: str | Path) -> dict[str, Any]:

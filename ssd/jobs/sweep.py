@@ -131,7 +131,9 @@ def resolve_sweep(request: SweepRequest) -> ResolvedSweep:
     data = resolve_data(request.data, smoke_test=request.smoke_test)
     try:
         preset = load_config(request.config)
-        overrides = list(request.overrides) + ["train.eval_every=1"]  # ASHA compares mAP every epoch
+        # ASHA compares mAP every epoch, and counts reports: a trial reports once per epoch
+        overrides = list(request.overrides) + ["train.eval_every=1", "train.checkpoint_every_iters=0",
+                                               "train.checkpoint_every_minutes=0"]
         if request.epochs:
             overrides += epochs_overrides(request.epochs, preset, request.overrides)
         if request.smoke_test:
