@@ -91,13 +91,38 @@ def test_boxes_are_in_original_pixels_like_a_hand_run_evaluation(detector, check
         assert boxes[:, 2].max() <= width + 1e-3 and boxes[:, 3].max() <= height + 1e-3
 
 
+def _unmatched(rows: list[dict], others: list[dict], tol: float) -> list[dict]:
+    """The rows of ``rows`` without a partner in ``others``: same image and label, score and
+    box within ``tol``, each partner used once (best scores first)."""
+    free = list(others)
+    left = []
+    for row in sorted(rows, key=lambda r: -r["score"]):
+        partner = next((o for o in free if o["image"] == row["image"] and o["label"] == row["label"]
+                        and all(abs(o[k] - row[k]) <= tol for k in COLUMNS[3:])), None)
+        if partner is None:
+            left.append(row)
+        else:
+            free.remove(partner)
+    return left
+
+
 def test_batching_does_not_change_results(detector):
+    """The same detections one image at a time and batched, up to batched-convolution rounding
+    (1e-4). A random model gives hundreds of nearly tied scores, so rounding may swap two tied
+    detections' order, or which of two tied detections makes an image's top-k cut: only
+    detections within the tolerance of their image's lowest kept score may lack a partner."""
     images = [_image(80, 96, seed=4), _image(60, 60, seed=5), _image(100, 90, seed=6)]
     one_by_one = detector.predict(images, batch_size=1)
     batched = detector.predict(images, batch_size=16)
-    assert [(r["image"], r["label"]) for r in one_by_one] == [(r["image"], r["label"]) for r in batched]
-    for a, b in zip(one_by_one, batched):
-        assert [a[k] for k in COLUMNS[3:]] == pytest.approx([b[k] for k in COLUMNS[3:]], abs=1e-4)
+    assert {r["image"] for r in one_by_one} == {0, 1, 2}
+    for a, b in ((one_by_one, batched), (batched, one_by_one)):
+        lowest = {i: min(r["score"] for r in a if r["image"] == i) for i in range(3)}
+        left = _unmatched(a, b, tol=1e-4)
+        assert all(r["score"] <= lowest[r["image"]] + 1e-4 for r in left), left[:3]
+        assert len(left) <= 2, left
+    for rows in (one_by_one, batched):  # each image's rows best first, images in input order
+        keys = [(r["image"], -r["score"]) for r in rows]
+        assert keys == sorted(keys)
     assert detector.predict([]) == []
 
 
