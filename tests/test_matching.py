@@ -1,9 +1,20 @@
+"""Matching (ssd/matching.py). Every test runs on both implementations: the static-shape one
+(what accelerators run) and the CPU's host shortcuts; a last group checks them equal bit for bit."""
+
 import pytest
 import torch
 from torchvision.models.detection._utils import SSDMatcher
 
+from ssd import matching
 from ssd.boxes import box_iou, cxcywh_to_xyxy, decode, encode
-from ssd.matching import match_priors, pad_targets
+from ssd.matching import assign_max_iou, match_priors, pad_targets, targets_from_assignment
+
+
+@pytest.fixture(autouse=True, params=["host", "static"])
+def implementation(request, monkeypatch):
+    monkeypatch.setattr(matching, "HOST_SHORTCUTS_ON_CPU", request.param == "host")
+    return request.param
+
 
 # Four priors along a row (cx, cy, w, h): unit squares of side 0.2 at x = 0.1, 0.3, 0.5, 0.7.
 PRIORS = torch.tensor(
@@ -111,3 +122,73 @@ def test_chunked_matching_equals_one_chunk_and_keeps_the_first_maximum(monkeypat
     assert single[0][0].tolist() == [[0, 4, 0, 0, 0, 0, 0, 0]]
     for (l1, t1), (l2, t2) in zip(single, chunked):
         assert torch.equal(l1, l2) and torch.equal(t1, t2)
+
+
+# --- the two implementations agree bit for bit ----------------------------------------------
+
+
+def _both(fn):
+    """``fn()`` with the host shortcuts off, then on."""
+    saved = matching.HOST_SHORTCUTS_ON_CPU
+    try:
+        matching.HOST_SHORTCUTS_ON_CPU = False
+        static = fn()
+        matching.HOST_SHORTCUTS_ON_CPU = True
+        return static, fn()
+    finally:
+        matching.HOST_SHORTCUTS_ON_CPU = saved
+
+
+def _batch_with_ties(g: torch.Generator, batch: int, max_gt: int) -> tuple[list, list]:
+    """Random boxes, some repeated (equal IoUs: ties between boxes), counts 0..max_gt."""
+    boxes, labels = [], []
+    for _ in range(batch):
+        n = int(torch.randint(0, max_gt + 1, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * 0.8
+        wh = torch.rand(n, 2, generator=g) * 0.5 + 0.01
+        b = torch.cat((xy, (xy + wh).clamp(max=1.0)), 1)
+        if n >= 2:
+            b[n // 2] = b[0]  # two identical boxes: the later one must win their priors
+        boxes.append(b)
+        labels.append(torch.randint(1, 21, (n,), generator=g))
+    return boxes, labels
+
+
+@pytest.mark.parametrize("implementation", ["both"], indirect=True)
+@pytest.mark.parametrize("preset,batch,max_gt,threshold", [
+    ("tiny", 1, 1, 0.5), ("tiny", 5, 3, 0.5), ("tiny", 8, 30, 0.3),
+    ("ssd300_vgg16", 7, 12, 0.5), ("ssd300_vgg16", 32, 42, 0.5), ("ssd300_vgg16", 3, 90, 0.7),
+])
+def test_host_shortcuts_equal_the_static_path_bit_for_bit(preset, batch, max_gt, threshold):
+    from ssd.priors import PriorSpec
+
+    priors = PriorSpec.preset(preset).generate()
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        padded = pad_targets(*_batch_with_ties(g, batch, max_gt))
+        (l1, t1), (l2, t2) = _both(lambda: match_priors(priors, *padded, iou_threshold=threshold))
+        assert torch.equal(l1, l2) and torch.equal(t1, t2)
+        assert (l1 > 0).any() or not padded[2].any()
+
+
+@pytest.mark.parametrize("implementation", ["both"], indirect=True)
+def test_host_shortcuts_accept_padding_anywhere_and_an_all_empty_batch():
+    """The mask need not be a prefix (a caller may pad between boxes); ties keep the first box."""
+    from ssd.priors import PriorSpec
+
+    priors = PriorSpec.preset("tiny").generate()
+    g = torch.Generator().manual_seed(3)
+    boxes, labels = _batch_with_ties(g, 6, 9)
+    gt_boxes, gt_labels, gt_mask = pad_targets(boxes, labels)
+    holes = torch.rand(gt_mask.shape, generator=g) < 0.3
+    gt_mask = gt_mask & ~holes
+    gt_boxes = torch.where(holes.unsqueeze(-1), torch.rand(gt_boxes.shape, generator=g), gt_boxes)
+    a1, a2 = _both(lambda: assign_max_iou(priors, gt_boxes, gt_mask))
+    assert torch.equal(a1, a2)
+    real = gt_mask.gather(1, a1.clamp(min=0))
+    assert real[a1 >= 0].all()  # only real boxes are ever assigned
+    (l1, t1), (l2, t2) = _both(lambda: targets_from_assignment(a1, priors, gt_boxes, gt_labels))
+    assert torch.equal(l1, l2) and torch.equal(t1, t2)
+    empty = pad_targets([torch.zeros(0, 4)] * 3, [torch.zeros(0, dtype=torch.long)] * 3)
+    (l1, t1), (l2, t2) = _both(lambda: match_priors(priors, *empty))
+    assert torch.equal(l1, l2) and torch.equal(t1, t2) and not l1.any()
