@@ -30,7 +30,7 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
-## bench: side-by-side benchmarks against torchvision; tables in docs/BENCHMARKS.md
+## bench: side-by-side benchmarks against torchvision, tables printed (run_all.py --write-docs: into docs/BENCHMARKS.md)
 bench: venv
 	$(PY) benchmarks/run_all.py
 

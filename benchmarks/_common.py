@@ -1,11 +1,14 @@
 """Shared helpers of the side-by-side benchmarks: argparse, timing, machine info, JSON, tables.
 
-Every benchmark times *ours* and the *peer* (torchvision) in the same process, interleaving the
-two (ours, peer, ours, peer, ...) so that a load spike from another process on the machine hits
-both sides alike. A repeat is the mean of ``--number`` back-to-back calls; we report the median
-and the inter-quartile range (IQR) of the repeats, and the ratio peer median / ours median
-(> 1 means ours is faster). Throughput benchmarks (input_pipeline) report rates instead
-(``stats``, e.g. samples/s per epoch) and the ratio ours / peer, still > 1 when ours is faster.
+Every benchmark times *ours* and the *peer* (torchvision) in the same process, in rounds: a
+round runs both sides back to back (alternating which goes first), so that a load spike from
+another process on the machine hits both sides alike. A repeat is the mean of ``--number``
+back-to-back calls. Reported per side: the median and the inter-quartile range (IQR) of its
+repeats; the ratio is the **median of the per-round ratios** peer / ours, with its quartiles
+(> 1 means ours is faster): each round's two times were taken under the same conditions, so
+the ratio of a pair is what the load disturbs least. Throughput benchmarks (input_pipeline)
+report rates instead (``stats``, e.g. samples/s per epoch) and per-round ratios ours / peer,
+still > 1 when ours is faster. ``samples_ms`` / ``samples`` keep the rounds' order.
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
 
 
 def library_version() -> str:
-    """The git commit of the checkout, with "+dirty" when ssd/ has uncommitted changes."""
+    """The git commit of the checkout, with "+dirty" when ssd/ or benchmarks/ has uncommitted
+    changes (the code measured, or the measuring code)."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*cmd: str) -> str:
@@ -99,46 +103,61 @@ def library_version() -> str:
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "ssd")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "ssd", "benchmarks")
     except OSError:
         return "unknown"
     return (commit or "unknown") + ("+dirty" if dirty else "")
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``values`` (inclusive method)."""
+    if len(values) >= 2:
+        q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        return q1, median, q3
+    return values[0], values[0], values[0]
+
+
 def stats_ms(samples_s: list[float]) -> dict[str, Any]:
-    ms = sorted(s * 1e3 for s in samples_s)
-    if len(ms) >= 2:
-        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
-    else:
-        q1 = q3 = ms[0]
+    """Median/IQR in ms of per-round times in seconds; ``samples_ms`` in the rounds' order."""
+    ms = [s * 1e3 for s in samples_s]
+    q1, median, q3 = quartiles(ms)
     return {
-        "median_ms": statistics.median(ms),
+        "median_ms": median,
         "iqr_ms": q3 - q1,
         "q1_ms": q1,
         "q3_ms": q3,
-        "min_ms": ms[0],
-        "max_ms": ms[-1],
+        "min_ms": min(ms),
+        "max_ms": max(ms),
         "samples_ms": ms,
     }
 
 
 def stats(values: list[float], unit: str) -> dict[str, Any]:
-    """Median/IQR of per-repeat values in any unit (e.g. samples/s); keys without ``_ms``."""
-    v = sorted(values)
-    if len(v) >= 2:
-        q1, _, q3 = statistics.quantiles(v, n=4, method="inclusive")
-    else:
-        q1 = q3 = v[0]
+    """Median/IQR of per-round values in any unit (e.g. samples/s); keys without ``_ms``;
+    ``samples`` in the rounds' order."""
+    q1, median, q3 = quartiles(values)
     return {
         "unit": unit,
-        "median": statistics.median(v),
+        "median": median,
         "iqr": q3 - q1,
         "q1": q1,
         "q3": q3,
-        "min": v[0],
-        "max": v[-1],
-        "samples": v,
+        "min": min(values),
+        "max": max(values),
+        "samples": list(values),
     }
+
+
+def paired_ratio(ours: dict[str, Any], peer: dict[str, Any], higher_is_better: bool = False) -> dict[str, Any]:
+    """The median and quartiles of the per-round ratios of two sides measured in the same rounds
+    (``stats_ms``: peer / ours; ``stats`` rates with ``higher_is_better``: ours / peer)."""
+    key = "samples" if higher_is_better else "samples_ms"
+    a, b = ours[key], peer[key]
+    if len(a) != len(b):
+        raise ValueError(f"paired ratio: {len(a)} rounds of ours against {len(b)} of the peer")
+    ratios = [o / p for o, p in zip(a, b)] if higher_is_better else [p / o for o, p in zip(a, b)]
+    q1, median, q3 = quartiles(ratios)
+    return {"median": median, "q1": q1, "q3": q3, "rounds": len(ratios), "values": ratios}
 
 
 def time_side_by_side(
@@ -171,22 +190,25 @@ def case_result(
     goal: float,
     note: str = "",
     higher_is_better: bool = False,
+    paired: bool = True,
 ) -> dict[str, Any]:
     """One table row. Times (``stats_ms``): ratio = peer / ours. Rates (``stats``, e.g.
-    samples/s; ``higher_is_better``): ratio = ours / peer. Either way > 1 means ours is faster."""
-    if higher_is_better:
-        ratio = ours["median"] / peer["median"]
+    samples/s; ``higher_is_better``): ratio = ours / peer. Either way > 1 means ours is faster.
+    ``paired`` (the sides' samples come from the same rounds, in order): ``ratio`` is the median
+    of the per-round ratios, ``ratio_quartiles`` their quartiles; otherwise the ratio of the
+    medians, without quartiles."""
+    row: dict[str, Any] = {"case": case, "ours": ours, "peer": peer}
+    if paired:
+        pairs = paired_ratio(ours, peer, higher_is_better)
+        row["ratio"] = pairs["median"]
+        row["ratio_quartiles"] = [pairs["q1"], pairs["q3"]]
+        row["ratio_values"] = pairs["values"]
+    elif higher_is_better:
+        row["ratio"] = ours["median"] / peer["median"]
     else:
-        ratio = peer["median_ms"] / ours["median_ms"]
-    return {
-        "case": case,
-        "ours": ours,
-        "peer": peer,
-        "ratio": ratio,
-        "goal": goal,
-        "met": ratio >= goal,
-        "note": note,
-    }
+        row["ratio"] = peer["median_ms"] / ours["median_ms"]
+    row.update(goal=goal, met=row["ratio"] >= goal, note=note, paired=paired)
+    return row
 
 
 #: columns of ``markdown_table``; a result's ``"table"`` entry overrides them (e.g. a rate
@@ -203,7 +225,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = [
         (
             f"| case | ours {unit} (median ± IQR) | {spec['peer']} {unit} (median ± IQR) "
-            f"| ratio ({spec['ratio']}) | goal | met? |"
+            f"| ratio ({spec['ratio']}; quartiles) | goal | met? |"
         ),
         "|---|---:|---:|---:|---:|:---:|",
     ]
@@ -213,10 +235,18 @@ def markdown_table(result: dict[str, Any]) -> str:
         iqr = "iqr_ms" if "iqr_ms" in o else "iqr"
         lines.append(
             f"| {c['case']} | {o[key]:.{digits}f} ± {o[iqr]:.{digits}f} "
-            f"| {p[key]:.{digits}f} ± {p[iqr]:.{digits}f} | **{c['ratio']:.2f}x** "
+            f"| {p[key]:.{digits}f} ± {p[iqr]:.{digits}f} | **{c['ratio']:.2f}x**{_quartile_text(c)} "
             f"| ≥ {c['goal']:g}x | {'yes' if c['met'] else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def _quartile_text(row: dict[str, Any]) -> str:
+    """" (q1-q3)" of a paired row's ratio; "" for an unpaired one (ratio of the medians)."""
+    if "ratio_quartiles" not in row:
+        return " (medians)" if row.get("paired") is False else ""
+    q1, q3 = row["ratio_quartiles"]
+    return f" ({q1:.2f}-{q3:.2f})"
 
 
 def machine_line(result: dict[str, Any]) -> str:

@@ -20,8 +20,13 @@ float32 (B, 3, 300, 300) images and a list of target dicts, B = 32.
   a uint8 (3, H, W) tensor (``pil_to_tensor``) and the annotation dict into boxes (N, 4) float
   (x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax, our convention), labels (index of the 20 VOC
   class names + 1) and difficult flags, then applies the same transform;
-  ``DataLoader(shuffle=True, batch_size=B, num_workers=w, collate_fn=ssd.engine.collate,
-  drop_last=True)``.
+  ``DataLoader(shuffle=True, batch_size=B, num_workers=w, collate_fn=pack_batch, drop_last=True)``.
+- **The same collate on both sides** (issue 18): the folder loader's workers collate with our
+  ``ssd.data.streaming.pack_batch`` (images stacked, targets packed into a few tensors) and the
+  main process unpacks the targets with ``unpack_targets``, as ``ShardLoader`` does. Packing has
+  nothing to do with shards against folders (before, the folder side collated per sample,
+  handing over 3 tensors per image, which charged the folder side for a collate a user can
+  change in one line); so the ratio measures reading, decoding and splitting the work.
 
 Cases: training transform with 1 and 2 loader workers, and the evaluation transform
 (``build_transform(300, 0.0, train=False, min_size=0.0)``, ``ShardStream(train=False)``, peer
@@ -69,9 +74,8 @@ from ssd.data.shards import (
     ShardSet,
     read_samples,
 )
-from ssd.data.streaming import ShardLoader, ShardStream, decode_sample
+from ssd.data.streaming import ShardLoader, ShardStream, decode_sample, pack_batch, unpack_targets
 from ssd.data.voc import VOC_CLASSES, VocReader
-from ssd.engine import collate
 from ssd.transforms import build_transform, normalize
 
 NAME = "input_pipeline"
@@ -257,11 +261,12 @@ class _Replay(IterableDataset):
 
 def transfer_cost(samples: list, keys: tuple[str, ...], batch: int, n: int, runs: int) -> float:
     """ms per sample for a DataLoader worker to hand over ready samples (nothing to compute:
-    collate, move the batch and each target tensor to shared memory, receive), 1 worker."""
+    ``pack_batch``, move the batch and its packed target tensors to shared memory, receive),
+    1 worker."""
     times = []
     for _ in range(runs):
         loader = DataLoader(_Replay(samples, keys, n), batch_size=batch, num_workers=1,
-                            collate_fn=collate)
+                            collate_fn=pack_batch)
         start = time.perf_counter()
         for _ in loader:
             pass
@@ -321,9 +326,9 @@ def profile(shards: ShardSet, voc: VOCDetection, passes: int, batch: int) -> dic
             add(f"eval transform: {name}", total)
         add("eval transform: total", sum(eval_acc.values()))
         del raws
-        # collate: stacking B float32 300x300 images (both sides do it, in the worker)
-        _, t = _timed(collate, train_outputs)
-        runs.setdefault("collate (torch.stack of B images)", []).append(
+        # collate: stacking B float32 300x300 images, packing the targets (both sides, in the worker)
+        _, t = _timed(pack_batch, train_outputs)
+        runs.setdefault("collate (pack_batch: stack B images, pack targets)", []).append(
             t / len(train_outputs) * 1e3
         )
 
@@ -436,6 +441,8 @@ class NormalizedInMain:
 
     def __iter__(self):
         for images, targets in self.loader:
+            if isinstance(targets, dict):  # the folder side's packed targets (ShardLoader unpacks its own)
+                targets = unpack_targets(targets)
             yield normalize(images), targets
 
 
@@ -453,7 +460,7 @@ def build_cases(shards: ShardSet, voc: VOCDetection, batch: int, seed: int) -> l
             "ours": NormalizedInMain(ShardLoader(ShardStream(shards, train_u8, train=True, seed=seed),
                                                  batch, num_workers=workers)),
             "peer": NormalizedInMain(DataLoader(FolderDataset(voc, train_u8), batch_size=batch, shuffle=True,
-                                                num_workers=workers, collate_fn=collate, drop_last=True)),
+                                                num_workers=workers, collate_fn=pack_batch, drop_last=True)),
         })
     cases.append({
         "label": f"eval transform, B={batch}, 1 worker",
@@ -461,7 +468,7 @@ def build_cases(shards: ShardSet, voc: VOCDetection, batch: int, seed: int) -> l
         "expected": len(voc),
         "ours": NormalizedInMain(ShardLoader(ShardStream(shards, eval_u8, train=False), batch, num_workers=1)),
         "peer": NormalizedInMain(DataLoader(FolderDataset(voc, eval_u8), batch_size=batch, shuffle=False,
-                                            num_workers=1, collate_fn=collate, drop_last=False)),
+                                            num_workers=1, collate_fn=pack_batch, drop_last=False)),
     })
     return cases
 
@@ -595,8 +602,8 @@ def extra_markdown(result: dict[str, Any]) -> str:
         (
             f"Read + decode, ms per sample: ours {sums['ours_read_decode']:.2f}, folder "
             f"{sums['folder_read_decode']:.2f} ({pred['read_decode_only']:.2f}x). (The transfer "
-            "rows of the profile hand over one float32 sample and its unpacked target at a time, "
-            "as before packing; our loader now moves packed uint8 batches, see the CPU table.)"
+            "rows of the profile hand over float32 samples with each side's target keys, packed "
+            "by `pack_batch`; both loaders move packed uint8 batches, see the CPU table.)"
         ),
     ]
     if measured:

@@ -1,14 +1,19 @@
-"""Run every side-by-side benchmark and regenerate the tables in docs/BENCHMARKS.md.
+"""Run every side-by-side benchmark; with ``--write-docs``, rewrite its tables in docs/BENCHMARKS.md.
 
     .venv/bin/python benchmarks/run_all.py                       # all, at 1 thread and torch's default
     .venv/bin/python benchmarks/run_all.py --only matching,postprocess --threads 2
-    .venv/bin/python benchmarks/run_all.py --tables-only         # rebuild the docs from the JSON
-    make bench
+    .venv/bin/python benchmarks/run_all.py --write-docs          # run all, then rewrite the tables
+    .venv/bin/python benchmarks/run_all.py --tables-only --write-docs   # rewrite them from the JSON
+    make bench                                                   # run all, print the tables
 
 Each benchmark runs in its own process (``benchmarks/bench_<name>.py --threads N --out
-benchmarks/results/<name>_t<N>.json``); the tables between the ``<!-- bench:<name> -->`` markers of
-docs/BENCHMARKS.md are then rewritten from every ``results/<name>_t*.json`` found. Everything
-outside the markers (the prose) is left as it is.
+benchmarks/results/<name>_t<N>.json``) and prints its table. Only ``--write-docs`` touches the
+docs: the tables between the ``<!-- bench:<name> -->`` markers of docs/BENCHMARKS.md are
+rewritten from every ``results/<name>_t*.json`` found; everything outside the markers (the prose)
+is left as it is. Each table names the commit it measured (``git rev-parse --short HEAD``,
+``+dirty`` when ``ssd/`` or ``benchmarks/`` had uncommitted changes). Results from different
+commits in one docs rewrite are listed in a warning: refresh them all from one commit
+(``--write-docs`` without ``--only``) before publishing.
 
 ``input_pipeline`` runs once, at 1 torch thread, whatever ``--threads`` says: its work happens in
 DataLoader worker processes, which torch runs at 1 thread each, and it compares 1 and 2 loader
@@ -93,7 +98,7 @@ def tables(name: str) -> str:
         parts.append(
             f"**{result['machine']['threads']} torch thread(s)** — `{command}` "
             f"({s['warmup']} warm-up, {s['repeats']} timed repeats per side, interleaved; "
-            f"run {result['date']}, library {result.get('library_commit', 'unrecorded')})  \n"
+            f"run {result['date']}, **commit {result.get('library_commit', 'unrecorded')}**)  \n"
             f"Machine: {machine_line(result)}\n\n{markdown_table(result)}"
             + (f"\n\n{extra(result)}" if extra is not None else "")
         )
@@ -123,7 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated torch thread counts to run each benchmark at "
         "(default: 1 and torch's default)",
     )
-    parser.add_argument("--tables-only", action="store_true", help="only rebuild the docs tables")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="run nothing: print (with --write-docs: write) the tables of the JSON found")
+    parser.add_argument("--write-docs", action="store_true",
+                        help=f"rewrite the tables in {DOC.relative_to(ROOT)} (never done without it)")
     parser.add_argument("extra", nargs="*", help="passed to every benchmark, after --")
     args = parser.parse_args(argv)
     names = tuple(n for n in args.only.split(",") if n)
@@ -148,7 +156,32 @@ def main(argv: list[str] | None = None) -> None:
                 thread_counts = list(FIXED_THREADS[name])
             for threads in thread_counts:
                 run(name, threads, args.extra)
-    update_doc()
+    if args.write_docs:
+        update_doc()
+        warn_mixed_commits()
+    elif args.tables_only:
+        for name in names:
+            print(f"\n## {name}\n\n{tables(name)}")
+    else:
+        print(f"\n{DOC.relative_to(ROOT)} not touched (pass --write-docs to rewrite its tables)")
+
+
+def result_commits() -> dict[str, list[str]]:
+    """commit -> the result files measured at it (every ``results/<name>_t*.json`` of the docs)."""
+    commits: dict[str, list[str]] = {}
+    for name in BENCHMARKS:
+        for path in RESULTS_DIR.glob(f"{name}_t*.json"):
+            commit = json.loads(path.read_text()).get("library_commit", "unrecorded")
+            commits.setdefault(commit, []).append(path.name)
+    return commits
+
+
+def warn_mixed_commits() -> None:
+    commits = result_commits()
+    if len(commits) > 1 or any(c.endswith("+dirty") or c == "unrecorded" for c in commits):
+        listing = "; ".join(f"{c}: {', '.join(sorted(files))}" for c, files in sorted(commits.items()))
+        print(f"warning: the tables of {DOC.relative_to(ROOT)} are not all from one clean commit ({listing}); "
+              "rerun them all with --write-docs from a clean checkout before publishing")
 
 
 if __name__ == "__main__":
