@@ -91,8 +91,18 @@ def match_priors(
         box_targets: (B, P, 4) offsets of the matched ground truth (see :func:`ssd.boxes.encode`)
             where ``labels > 0``, zero elsewhere.
     """
+    if _host_shortcuts(gt_mask) and gt_mask.shape[1] > 0:
+        _check_threshold(iou_threshold)
+        slot, box = _matches_on_host(priors, gt_boxes, gt_mask, iou_threshold)
+        return _targets_on_host(slot, box, priors, gt_boxes, gt_labels, variances)
     assigned = assign_max_iou(priors, gt_boxes, gt_mask, iou_threshold)
     return targets_from_assignment(assigned, priors, gt_boxes, gt_labels, variances)
+
+
+def _check_threshold(iou_threshold: float) -> None:
+    if not iou_threshold > 0:
+        # Padding boxes have IoU 0 with every prior; a threshold of 0 would match them.
+        raise ValueError(f"matching.iou_threshold must be > 0, got {iou_threshold}")
 
 
 def assign_max_iou(priors: Tensor, gt_boxes: Tensor, gt_mask: Tensor, iou_threshold: float = 0.5) -> Tensor:
@@ -105,9 +115,7 @@ def assign_max_iou(priors: Tensor, gt_boxes: Tensor, gt_mask: Tensor, iou_thresh
     Returns:
         (B, P) int64 in -1..G-1.
     """
-    if not iou_threshold > 0:
-        # Padding boxes have IoU 0 with every prior; a threshold of 0 would match them.
-        raise ValueError(f"matching.iou_threshold must be > 0, got {iou_threshold}")
+    _check_threshold(iou_threshold)
     batch, num_gt = gt_mask.shape
     num_priors = priors.shape[0]
     if num_gt == 0:  # no ground truth anywhere in the batch
@@ -116,11 +124,13 @@ def assign_max_iou(priors: Tensor, gt_boxes: Tensor, gt_mask: Tensor, iou_thresh
     # Padding becomes the empty box (0, 0, 0, 0), whose IoU with anything is 0: it can never be
     # a prior's match (matches need IoU >= threshold > 0, or the bipartite step, which padding
     # skips below). Masking the (B, G, 4) boxes is much cheaper than masking a (B, G, P) IoU.
-    real_boxes = gt_boxes * gt_mask[..., None]
-    priors_xyxy = cxcywh_to_xyxy(priors)
     if _host_shortcuts(gt_mask):
-        return _assign_on_host(real_boxes, gt_mask, priors_xyxy, iou_threshold)
-    best_gt_iou, best_gt_idx, best_prior_idx = _best_matches(real_boxes, priors_xyxy)
+        slot, box = _matches_on_host(priors, gt_boxes, gt_mask, iou_threshold)
+        assigned = torch.full((batch, num_priors), -1, dtype=torch.long)
+        assigned.view(-1)[slot] = box
+        return assigned
+    real_boxes = gt_boxes * gt_mask[..., None]
+    best_gt_iou, best_gt_idx, best_prior_idx = _best_matches(real_boxes, cxcywh_to_xyxy(priors))
 
     # Bipartite step. Padding boxes scatter into a scratch column P that is dropped afterwards;
     # scatter_reduce("amax") makes the higher ground-truth index win a contested prior
@@ -156,7 +166,8 @@ def targets_from_assignment(
     if gt_labels.shape[1] == 0:  # a shape, known on the host: no sync
         return gt_labels.new_zeros((batch, num_priors)), priors.new_zeros((batch, num_priors, 4))
     if _host_shortcuts(assigned):
-        return _targets_on_host(assigned, positive, priors, gt_boxes, gt_labels, variances)
+        slot = positive.reshape(-1).nonzero().squeeze(1)
+        return _targets_on_host(slot, assigned.reshape(-1)[slot], priors, gt_boxes, gt_labels, variances)
     # Background (-1) reads a prepended label 0: one gather, no masking of the (B, P) result.
     labels = torch.cat((gt_labels.new_zeros((batch, 1)), gt_labels), 1).gather(1, assigned + 1)
     # Every prior's target is encoded (background reads ground truth 0) and the background's
@@ -182,33 +193,34 @@ def _encoded_gt(gt_boxes: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _targets_on_host(
-    assigned: Tensor,
-    positive: Tensor,
+    slot: Tensor,
+    box: Tensor,
     priors: Tensor,
     gt_boxes: Tensor,
     gt_labels: Tensor,
     variances: tuple[float, float],
 ) -> tuple[Tensor, Tensor]:
-    """``targets_from_assignment`` for CPU tensors: labels and box targets written for the
-    matched priors only (equal bit for bit to the dense path).
+    """``targets_from_assignment`` for CPU tensors, from the matched priors only (equal bit for
+    bit to the dense path, which encodes every prior).
 
     Args:
-        assigned: (B, P) ground-truth index or -1; positive: (B, P) ``assigned >= 0``.
+        slot: (N,) flat index ``image * P + prior`` of each matched prior; box: (N,) its ground
+            truth's index in the image.
         priors: (P, 4) cxcywh; gt_boxes: (B, G, 4) xyxy; gt_labels: (B, G) int64.
     Returns:
-        labels (B, P) int64 and box_targets (B, P, 4), zero off the positives.
+        labels (B, P) int64 and box_targets (B, P, 4), zero off the matched priors.
     """
-    image, prior = positive.nonzero(as_tuple=True)  # (N,) each
-    box = assigned[image, prior]
-    labels = gt_labels.new_zeros(assigned.shape)
-    labels[image, prior] = gt_labels[image, box]
+    batch, num_priors = gt_boxes.shape[0], priors.shape[0]
+    image, prior = slot // num_priors, slot % num_priors
+    labels = gt_labels.new_zeros((batch, num_priors))
+    labels.view(-1)[slot] = gt_labels[image, box]
     matched = _encoded_gt(gt_boxes, priors.dtype)[image, box]  # (N, 4)
     chosen = priors[prior]  # (N, 4)
-    # the dense path's arithmetic, op for op, on the N positives
+    # the dense path's arithmetic, op for op, on the N matched priors
     centre = (matched[:, :2] - chosen[:, :2]) / (variances[0] * chosen[:, 2:])
     size = torch.log(matched[:, 2:] / chosen[:, 2:]) / variances[1]
-    box_targets = priors.new_zeros((*assigned.shape, 4))
-    box_targets[image, prior] = torch.cat((centre, size), dim=-1)
+    box_targets = priors.new_zeros((batch, num_priors, 4))
+    box_targets.view(-1, 4)[slot] = torch.cat((centre, size), dim=-1)
     return labels, box_targets
 
 
@@ -249,10 +261,11 @@ def _best_matches(gt_boxes: Tensor, priors_xyxy: Tensor) -> tuple[Tensor, Tensor
     return best_gt_iou, best_gt_idx, best_prior_idx
 
 
-def _assign_on_host(
-    gt_boxes: Tensor, gt_mask: Tensor, priors_xyxy: Tensor, iou_threshold: float
-) -> Tensor:
-    """:func:`assign_max_iou` for CPU tensors, equal bit for bit, reading values on the host.
+def _matches_on_host(
+    priors: Tensor, gt_boxes: Tensor, gt_mask: Tensor, iou_threshold: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`assign_max_iou`'s matches for CPU tensors, equal bit for bit, reading values on
+    the host, as a sparse list.
 
     - Images are matched in groups of similar box count, each padded only to a power of two
       >= its largest count, so the IoU work follows the real boxes, not the batch's largest image.
@@ -260,21 +273,23 @@ def _assign_on_host(
       ``max`` with indices along that axis); the best box's index is found afterwards, only for
       the priors at or above the threshold (a few hundred of the batch's B x P), from their IoU
       with their image's boxes, recomputed by the same arithmetic.
-    - The bipartite step writes only the forced priors.
+    - The bipartite step touches only the forced priors.
 
     Args:
-        gt_boxes: (B, G, 4) xyxy, padding as empty boxes; gt_mask: (B, G) bool.
-        priors_xyxy: (P, 4) xyxy.
+        priors: (P, 4) cxcywh; gt_boxes: (B, G, 4) xyxy, padded; gt_mask: (B, G) bool.
     Returns:
-        (B, P) int64 ground-truth index per prior, -1 for background.
+        slot (N,): ``image * P + prior`` of every matched prior, ascending; box (N,): the index
+        of its ground truth in the image.
     """
     batch, num_gt = gt_mask.shape
+    priors_xyxy = cxcywh_to_xyxy(priors)
     num_priors = priors_xyxy.shape[0]
-    # real boxes first, in their order, so "the first maximum" stays the first real box
+    # padding as the empty box (IoU 0 with everything); real boxes first, in their order, so
+    # "the first maximum" stays the first real box
     order = torch.sort((~gt_mask).to(torch.uint8), dim=1, stable=True).indices  # (B, G)
-    boxes = gt_boxes.gather(1, order.unsqueeze(-1).expand(batch, num_gt, 4))
+    boxes = (gt_boxes * gt_mask[..., None]).gather(1, order.unsqueeze(-1).expand(batch, num_gt, 4))
     counts = gt_mask.sum(dim=1).tolist()
-    best_gt_iou = gt_boxes.new_empty((batch, num_priors))
+    best_gt_iou = boxes.new_empty((batch, num_priors))
     best_prior_idx = torch.zeros((batch, num_gt), dtype=torch.long)  # original box order
     width_of = [1 << max(count - 1, 0).bit_length() for count in counts]  # 1, 2, 4, 8, ...
     for width in sorted(set(width_of)):
@@ -285,21 +300,21 @@ def _assign_on_host(
         best_prior_idx[images.unsqueeze(1), order[images, :width]] = prior
 
     # threshold matches: each prior's best box, found for the priors that reach the threshold
-    image, prior = (best_gt_iou >= iou_threshold).nonzero(as_tuple=True)  # (N,) each
+    slot = (best_gt_iou.view(-1) >= iou_threshold).nonzero().squeeze(1)  # (N,) ascending
+    image, prior = slot // num_priors, slot % num_priors
     pair_iou = box_iou(boxes[image], priors_xyxy[prior].unsqueeze(1)).squeeze(-1)  # (N, G)
     box = order[image].gather(1, pair_iou.max(dim=1).indices.unsqueeze(1)).squeeze(1)
-    assigned = torch.full((batch, num_priors), -1, dtype=torch.long)
-    assigned[image, prior] = box
-    # bipartite step: every real box forces its best prior; the higher box index wins a prior
-    # two boxes force (sorted by (prior, box), the last of each prior's run is kept)
+    # bipartite step: every real box forces its best prior, over its threshold match; of two
+    # boxes forcing one prior the higher index wins. Sorted by (slot, forced, box), the last of
+    # each slot's run is kept.
     forced_image, forced_box = gt_mask.nonzero(as_tuple=True)
-    key = (forced_image * num_priors + best_prior_idx[forced_image, forced_box]) * num_gt + forced_box
+    forced_slot = forced_image * num_priors + best_prior_idx[forced_image, forced_box]
+    key = torch.cat((slot * 2, forced_slot * 2 + 1)) * num_gt + torch.cat((box, forced_box))
     key = key.sort().values
-    slot, forced_box = key // num_gt, key % num_gt
+    slot, box = key // (2 * num_gt), key % num_gt
     last = torch.ones_like(slot, dtype=torch.bool)
     last[:-1] = slot[1:] != slot[:-1]
-    assigned.view(-1)[slot[last]] = forced_box[last]
-    return assigned
+    return slot[last], box[last]
 
 
 def _best_values(gt_boxes: Tensor, priors_xyxy: Tensor) -> tuple[Tensor, Tensor]:
@@ -347,11 +362,17 @@ def pad_targets(
     gt_boxes = torch.zeros((batch, max_gt, 4), dtype=dtype, pin_memory=pin)
     gt_labels = torch.zeros((batch, max_gt), dtype=torch.long, pin_memory=pin)
     gt_mask = torch.zeros((batch, max_gt), dtype=torch.bool, pin_memory=pin)
-    for i, (b, lab) in enumerate(zip(boxes, labels)):  # O(B) copies, no per-box work
-        n = b.numel() // 4
-        gt_boxes[i, :n] = b.reshape(-1, 4)  # an empty list may arrive as shape (0,)
-        gt_labels[i, :n] = lab
-        gt_mask[i, :n] = True
+    counts = [b.numel() // 4 for b in boxes]
+    if sum(counts):
+        # one scatter of all boxes (a few ops whatever B; a per-image loop cost ~15 us an image)
+        count = torch.tensor(counts)
+        image = torch.repeat_interleave(torch.arange(batch), count)
+        first = torch.repeat_interleave(count.cumsum(0) - count, count)
+        slot = torch.arange(len(image)) - first
+        # an empty list may arrive as shape (0,)
+        gt_boxes[image, slot] = torch.cat([b.reshape(-1, 4) for b in boxes]).to(dtype)
+        gt_labels[image, slot] = torch.cat([lab.reshape(-1) for lab in labels]).to(torch.long)
+        gt_mask[image, slot] = True
     if device is not None:
         gt_boxes, gt_labels, gt_mask = (t.to(device, non_blocking=True) for t in (gt_boxes, gt_labels, gt_mask))
     return gt_boxes, gt_labels, gt_mask
