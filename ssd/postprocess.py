@@ -3,15 +3,21 @@
 Batched over images, and doing only the work that can change the result:
 
 - threshold first: a class score can pass ``score_threshold`` only where the background
-  probability is below ``1 - score_threshold``, so a (B, P) test finds the few candidate priors;
-  only they are decoded. The dense per-(image, class) pre-NMS top-k runs only when some image has
-  more candidate priors than ``pre_nms_top_k`` (otherwise it cannot remove anything);
+  probability is below ``1 - score_threshold``, so a cheap (B, P) test on the logits finds the few
+  candidate priors; only they get a softmax, and only the class scores that pass are decoded;
+- pre-NMS top-k per (image, class) group, only where it can remove something: in the groups with
+  more than ``pre_nms_top_k`` candidates past the threshold. Those groups' candidates are packed
+  into a (groups, most candidates) matrix for one ``topk``; the other groups keep all of theirs
+  (with a trained network, usually every group: at most a few dozen candidates each). Only when
+  candidates are very many (an untrained network) does one dense topk over every (image, class)
+  before the threshold cost less, and run instead;
 - NMS on a score-ordered prefix with early exit: greedy NMS keeps or drops a box looking only at
   higher-scored boxes of its class, so NMS over an image's M best candidates decides those M
   exactly; once an image keeps ``top_k`` of them nothing below can enter its top-k, so the rest is
   never NMS-ed. Otherwise M doubles for the images not yet finished.
 
-The result equals torchvision SSD's ``postprocess_detections`` (tests/test_postprocess.py).
+The result equals torchvision SSD's ``postprocess_detections`` (tests/test_postprocess.py), down
+to which of the candidates tied at a group's k-th place survive the pre-NMS top-k.
 Soft-NMS (Bodla et al. 2017) runs its greedy loop over all (image, class) groups at once.
 """
 
@@ -96,48 +102,138 @@ def _candidates(
     variances: tuple[float, float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Flat (N,) image index, class index (0-based, no background), score and (N, 4) decoded box
-    of every (image, prior, class) whose score passes the threshold and the pre-NMS top-k."""
-    batch, num_priors, _ = logits.shape
-    probs = logits.float().softmax(dim=-1)  # (B, P, C)
+    of every (image, prior, class) whose score passes the threshold and the pre-NMS top-k, in no
+    particular order."""
+    batch, num_priors, num_classes = logits.shape
+    logits = logits.float()
     threshold, k = params.score_threshold, params.pre_nms_top_k
-    # Class scores sum to 1 - background, so one can pass only where background < 1 - threshold
-    # (1e-6 absorbs rounding: a superset is fine).
-    maybe_image, maybe_prior = (probs[..., 0] < 1.0 - threshold + 1e-6).nonzero(as_tuple=True)
-    most_per_image = int(torch.bincount(maybe_image, minlength=batch).max()) if batch else 0
-    if k <= 0 or most_per_image <= k:
-        # No (image, class) group can hold more than k candidates: the top-k is a no-op.
-        scores = probs[maybe_image, maybe_prior, 1:]  # (N', C-1)
-        row, cls = (scores > threshold).nonzero(as_tuple=True)
-        image, prior, score = maybe_image[row], maybe_prior[row], scores[row, cls]
+    # Class scores sum to 1 - background, so one can pass only where background < 1 - threshold,
+    # i.e. where S = sum_c exp(logit_c - logit_0) = 1 / background > 1 / (1 - threshold). Cheaper
+    # than the softmax (a length-C reduction per prior is slow; this one is a matrix-vector
+    # product); overflow only adds candidates, and 1e-5 absorbs rounding: a superset.
+    ratios = (logits - logits[..., :1]).exp_()  # (B, P, C)
+    total = ratios @ logits.new_ones(num_classes)  # (B, P)
+    maybe_image, maybe_prior = (total * (1.0 - threshold + 1e-5) > 1.0).nonzero(as_tuple=True)
+    fg = None
+    if 4 * maybe_image.numel() > batch * num_priors:
+        # Most priors are candidates (an untrained network): one softmax over all of them costs
+        # less than gathering their rows first.
+        fg = logits.softmax(dim=-1)[..., 1:]  # (B, P, C-1)
+    # With many candidates, one dense topk per (image, class) before the threshold costs less
+    # than the sparse path below, whose cost per candidate (nonzero, gathers, packing) is about
+    # that of 8 topk inputs (measured on a CPU).
+    if fg is not None and 0 < k < num_priors and 8 * int((fg > threshold).count_nonzero()) > fg.numel():
+        image, cls, prior, score = _dense_top_k(fg.transpose(1, 2), threshold, k)
     else:
-        # Top-k per (image, class) first, then the threshold (same set as threshold-then-top-k).
-        cand_scores, cand_prior = probs[..., 1:].transpose(1, 2).topk(min(k, num_priors), dim=2)
-        passed = cand_scores > threshold  # (B, C-1, k)
-        image, cls, slot = passed.nonzero(as_tuple=True)
-        score, prior = cand_scores[passed], cand_prior[image, cls, slot]
+        if fg is not None:
+            scores = fg[maybe_image, maybe_prior]  # (N', C-1)
+        else:
+            # The softmax of each candidate row alone: the same bits as over the whole batch
+            # (a row-wise kernel), so the scores, and their ties, are torchvision's.
+            scores = logits[maybe_image, maybe_prior].softmax(dim=-1)[:, 1:]  # (N', C-1)
+        # Listed class by class, then by row: each (image, class) group is one run, in prior
+        # order (nonzero listed the rows by (image, prior)), the order torchvision's topk sees.
+        cls, row = (scores.T > threshold).nonzero(as_tuple=True)  # (M,)
+        image, score = maybe_image[row], scores[row, cls]
+        if k > 0:
+            keep = _pre_nms_top_k(score, cls * batch + image, (num_classes - 1) * batch, k)
+            if keep is not None:
+                keep = keep.nonzero().squeeze(1)
+                cls, row, image, score = cls[keep], row[keep], image[keep], score[keep]
+        prior = maybe_prior[row]
     box = decode(loc[image, prior].float(), priors[prior].float(), variances).clamp_(0.0, 1.0)
     return image, cls, score, box
+
+
+def _dense_top_k(fg: Tensor, threshold: float, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(M,) image, class, prior and score of the candidates above ``threshold`` among each
+    (image, class)'s ``k`` best, as torchvision's topk after the threshold keeps them.
+
+    Args:
+        fg: (B, C-1, P) foreground class scores; ``k < P``.
+    """
+    best, best_prior = fg.topk(k + 1, dim=2)  # (B, C-1, k + 1), sorted descending
+    # A tie at the k-th place among passing scores leaves the choice to topk's selection
+    # algorithm, which depends on the whole array: redo such a group on exactly the 1-D array
+    # torchvision's topk gets (the passing scores in prior order). Rare with real scores.
+    tied = (best[..., k - 1] == best[..., k]) & (best[..., k] > threshold)  # (B, C-1)
+    for b, c in tied.nonzero().tolist():
+        passing = (fg[b, c] > threshold).nonzero().squeeze(1)
+        best_prior[b, c, :k] = passing[fg[b, c, passing].topk(k).indices]
+        best[b, c, :k] = fg[b, c, best_prior[b, c, :k]]
+    best, best_prior = best[..., :k], best_prior[..., :k]
+    image, cls, slot = (best > threshold).nonzero(as_tuple=True)
+    return image, cls, best_prior[image, cls, slot], best[image, cls, slot]
+
+
+def _pre_nms_top_k(score: Tensor, group: Tensor, num_groups: int, k: int) -> Tensor | None:
+    """Which candidates torchvision's per-group ``topk(k)`` keeps (it runs after the threshold).
+
+    Args:
+        score: (M,) candidate scores, listed group by group (``group`` non-decreasing), each
+            group in the order torchvision's topk sees it.
+        group: (M,) group index in [0, num_groups).
+    Returns:
+        (M,) bool, or None when no group holds more than ``k`` candidates (all are kept).
+    """
+    sizes = torch.bincount(group, minlength=num_groups)  # (num_groups,)
+    starts = sizes.cumsum(0) - sizes
+    over = sizes > k
+    if not bool(over.any()):
+        return None
+    # Only the groups with more than k candidates need a top-k: pack their runs into the rows
+    # of a (G, width) matrix, -inf padded, for one topk.
+    member = over[group]  # (M,)
+    index = member.nonzero().squeeze(1)  # (M_over,) runs of the larger groups, in order
+    slot = over.cumsum(0) - 1  # (num_groups,) row of a larger group in the packed matrix
+    column = index - starts[group[index]]
+    sizes, starts = sizes[over], starts[over]  # (G,)
+    width = int(sizes.max())
+    packed = score.new_full((sizes.numel(), width), float("-inf"))  # (G, width)
+    packed.view(-1)[slot[group[index]] * width + column] = score[index]
+    best, best_column = packed.topk(k + 1, dim=1)  # (G, k + 1), all real candidates
+    chosen = starts[:, None] + best_column[:, :k]  # (G, k) indices into score
+    # A tie at the k-th place leaves the choice to topk's selection algorithm, which depends on
+    # the whole array (the padding changes it): redo such a group on exactly the 1-D array
+    # torchvision's topk gets, so that the same tied candidates survive. Rare with real scores.
+    for g in (best[:, k - 1] == best[:, k]).nonzero().flatten().tolist():
+        start, size = int(starts[g]), int(sizes[g])
+        chosen[g] = start + score[start : start + size].topk(k).indices
+    keep = ~member
+    keep[chosen.flatten()] = True
+    return keep
+
+
+#: boxes per ``batched_nms`` call on a CPU: a call costs a fixed overhead plus a term quadratic in
+#: its input (every surviving box is compared with every later one, the offsets that keep groups
+#: apart notwithstanding); 256 was the fastest of 64-384 on bench_postprocess.py's inputs
+_NMS_CHUNK = 256
 
 
 def _grouped_nms(box: Tensor, score: Tensor, group: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS within each group; returns the kept indices (in no particular order)."""
     # imported here: torchvision's import (~1.3 s) would make every script that only reads a
     # config slow to start, and slow to fail on a trivial error
-    from torchvision.ops import batched_nms, nms
+    from torchvision.ops import batched_nms
 
-    if box.numel() <= 4000 or box.device.type != "cpu":
+    if box.shape[0] <= _NMS_CHUNK or box.device.type != "cpu":
         # Small inputs, or a GPU: batched_nms's single call with offset coordinates is fastest.
         return batched_nms(box, score, group, iou_threshold)
-    # On a CPU, batched_nms loops over groups scanning ``group == g`` each time; one sort and
-    # split visits every candidate once.
+    # On a CPU, sort by group and cut into runs of whole groups of about _NMS_CHUNK boxes, one
+    # batched_nms call each (NMS never looks across groups, so how they are batched is free).
     order = torch.argsort(group, stable=True)
-    kept, start = [], 0
-    for count in torch.bincount(group).tolist():
-        if count:
-            idx = order[start : start + count]
-            kept.append(idx[nms(box[idx], score[idx], iou_threshold)])
-        start += count
-    return torch.cat(kept) if kept else order[:0]
+    bounds, start, last = [], 0, 0
+    for end in torch.bincount(group).cumsum(0).tolist():  # where each group's run ends
+        if end - start > _NMS_CHUNK and last > start:
+            bounds.append((start, last))
+            start = last
+        last = end
+    bounds.append((start, last))
+    kept = []
+    for start, end in bounds:
+        idx = order[start:end]
+        kept.append(idx[batched_nms(box[idx], score[idx], group[idx], iou_threshold)])
+    return torch.cat(kept)
 
 
 def _prefix_nms(
@@ -204,7 +300,7 @@ def _soft_nms(
     Each iteration picks every group's highest remaining score, keeps it, and decays the scores of
     the rest of that group: linear ``s * (1 - iou)`` where ``iou >= nms_iou``, Gaussian
     ``s * exp(-iou^2 / sigma)``. A group stops when its best remaining score falls to the score
-    threshold. Returns the same flat layout as :func:`_hard_nms`.
+    threshold. Returns the same flat layout as :func:`_candidates`.
     """
     batch, classes, k = cand_scores.shape
     boxes = cand_boxes.reshape(batch * classes, k, 4)  # (G, k, 4)
