@@ -24,6 +24,10 @@ case, in batches of ``--batch`` (32) images:
   ``ssd.data.coco.CocoReader``; crowd regions dropped, as training drops them.
 - **synthetic** (second row): 1..``--max-gt`` (40) random boxes per image (seeded), 32 images.
 
+Also (``--no-scaling`` skips it): a scaling table, ours and the peer on one batch of 32 images
+with exactly 1, 10, 40 or 100 random boxes each, for the ``tiny``, ``ssd300_vgg16`` and
+``ssd512_vgg16`` priors, with the time per IoU pair (images x boxes x priors).
+
 Images without a box are left out (5 COCO images), so both sides see the same images (torchvision
 special-cases them). A case whose data folder is missing is skipped with a message. The anchors'
 xyxy form is precomputed for the peer (torchvision makes its anchors in the anchor generator,
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--voc-root", type=Path, default=DEFAULT_VOC_ROOT, help="folder holding VOC2007")
     parser.add_argument("--coco-root", type=Path, default=DEFAULT_COCO_ROOT,
                         help="folder holding images/ and annotations/instances.json")
+    parser.add_argument("--no-scaling", dest="scaling", action="store_false",
+                        help="skip the scaling table (priors x boxes per image)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     inputs.append((f"synthetic, 1-{args.max_gt} boxes/image",
                    [make_targets(args.batch, args.max_gt, 21, args.seed)]))
 
+    scaling = measure_scaling(args) if args.scaling else None
     cases, checks = [], {}
     for label, batch_list in inputs:
         counts = box_counts(batch_list)
@@ -187,7 +194,68 @@ def main(argv: list[str] | None = None) -> dict:
         "python benchmarks/bench_matching.py " + " ".join(sys.argv[1:] if argv is None else argv),
         cases,
         equivalence={"checked": True, "cases": checks},
+        batch=args.batch,
+        **({"scaling": scaling} if scaling is not None else {}),
     )
+
+
+#: the scaling table's grid: prior presets x boxes per image (every image the same count)
+SCALING_PRESETS = ("tiny", "ssd300_vgg16", "ssd512_vgg16")
+SCALING_BOXES = (1, 10, 40, 100)
+
+
+def fixed_targets(batch: int, boxes_per_image: int, seed: int):
+    """``batch`` images with exactly ``boxes_per_image`` random boxes each (VOC-like sizes)."""
+    g = torch.Generator().manual_seed(seed)
+    wh = torch.rand(batch, boxes_per_image, 2, generator=g) * 0.6 + 0.02
+    xy = torch.rand(batch, boxes_per_image, 2, generator=g) * (1 - wh)
+    boxes = torch.cat((xy, xy + wh), dim=-1)
+    labels = torch.randint(1, 21, (batch, boxes_per_image), generator=g)
+    return list(boxes), list(labels)
+
+
+def measure_scaling(args) -> list[dict]:
+    """Ours and the peer on one batch per (preset, boxes per image): median ms, ns per pair."""
+    rows = []
+    repeats, warmup = min(args.repeats, 5), 1
+    for preset in SCALING_PRESETS:
+        priors = PriorSpec.preset(preset).generate()
+        anchors = cxcywh_to_xyxy(priors)
+        for n in SCALING_BOXES:
+            batch_list = [fixed_targets(args.batch, n, args.seed)]
+            ours, peer = ours_fn(priors, batch_list), peer_fn(anchors, batch_list)
+            with torch.inference_mode():
+                check_equal(ours(), peer())
+                ours_t, peer_t = time_side_by_side(ours, peer, repeats, warmup)
+            pairs = args.batch * n * priors.shape[0]
+            row = case_result(f"{preset}, {n} boxes/image", ours_t, peer_t, goal=0.0)
+            rows.append({"preset": preset, "priors": priors.shape[0], "boxes_per_image": n, "pairs": pairs,
+                         "ours_ms": ours_t["median_ms"], "peer_ms": peer_t["median_ms"], "ratio": row["ratio"],
+                         "ours_ns_per_pair": ours_t["median_ms"] * 1e6 / pairs,
+                         "peer_ns_per_pair": peer_t["median_ms"] * 1e6 / pairs})
+            print(f"scaling: {preset} x {n} boxes: ours {ours_t['median_ms']:.2f} ms, "
+                  f"torchvision {peer_t['median_ms']:.2f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def extra_markdown(result: dict) -> str:
+    """The scaling table (run_all.py puts it after the cases table in the docs)."""
+    rows = result.get("scaling")
+    if not rows:
+        return ""
+    lines = [
+        (f"Scaling, one batch of {result.get('batch', 32)} images, every image with the same number of "
+        "random boxes (ours and torchvision checked equal first; median of "
+        f"{min(result['settings']['repeats'], 5)} paired rounds; ns per pair = time / (images x boxes x priors)):"),
+        "",
+        "| priors | boxes / image | IoU pairs | ours ms | torchvision ms | ratio | ours ns / pair | torchvision ns / pair |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['preset']} ({r['priors']}) | {r['boxes_per_image']} | {r['pairs'] / 1e6:.2f} M "
+                     f"| {r['ours_ms']:.2f} | {r['peer_ms']:.2f} | {r['ratio']:.2f}x "
+                     f"| {r['ours_ns_per_pair']:.2f} | {r['peer_ns_per_pair']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from _common import RESULTS_DIR, machine_line, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
-BENCHMARKS = ("matching", "postprocess", "train_step", "input_pipeline", "gpu_train")
+BENCHMARKS = ("matching", "loss", "postprocess", "train_step", "input_pipeline", "gpu_train")
 SCRIPTS = {name: f"bench_{name}.py" for name in BENCHMARKS}
 #: benchmarks that run at these thread counts only, whatever --threads says
 FIXED_THREADS = {"input_pipeline": (1,), "gpu_train": (torch.get_num_threads(),)}
@@ -50,7 +50,7 @@ FIXED_THREADS = {"input_pipeline": (1,), "gpu_train": (torch.get_num_threads(),)
 GPU_ONLY = {"gpu_train"}
 #: benchmarks whose module ``bench_<name>`` has a function of the result JSON returning markdown
 #: to put after the cases table in the docs
-EXTRA_TABLES = {"input_pipeline": "extra_markdown", "gpu_train": "extra_markdown"}
+EXTRA_TABLES = {"input_pipeline": "extra_markdown", "gpu_train": "extra_markdown", "matching": "extra_markdown"}
 
 
 def models_available() -> bool:
