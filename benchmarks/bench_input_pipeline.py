@@ -64,6 +64,7 @@ from typing import Any
 
 import torch
 from _common import case_result, finish, get_args_parser, stats
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.datasets import VOCDetection
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -259,6 +260,11 @@ class _Replay(IterableDataset):
             yield image, {k: target[k].clone() for k in self.keys}
 
 
+def _stack_images(samples: list) -> Tensor:
+    """The image-only transfer row's collate (no target to pack)."""
+    return torch.stack([image for image, _ in samples])
+
+
 def transfer_cost(samples: list, keys: tuple[str, ...], batch: int, n: int, runs: int) -> float:
     """ms per sample for a DataLoader worker to hand over ready samples (nothing to compute:
     ``pack_batch``, move the batch and its packed target tensors to shared memory, receive),
@@ -266,7 +272,7 @@ def transfer_cost(samples: list, keys: tuple[str, ...], batch: int, n: int, runs
     times = []
     for _ in range(runs):
         loader = DataLoader(_Replay(samples, keys, n), batch_size=batch, num_workers=1,
-                            collate_fn=pack_batch)
+                            collate_fn=pack_batch if keys else _stack_images)
         start = time.perf_counter()
         for _ in loader:
             pass
