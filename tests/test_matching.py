@@ -1,6 +1,8 @@
 """Matching (ssd/matching.py). Every test runs on both implementations: the static-shape one
 (what accelerators run) and the CPU's host shortcuts; a last group checks them equal bit for bit."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision.models.detection._utils import SSDMatcher
@@ -216,3 +218,105 @@ def test_pad_targets_places_every_box_and_label():
         assert torch.equal(gt_boxes[i, :n], boxes[i].reshape(-1, 4)) and not gt_boxes[i, n:].any()
         assert torch.equal(gt_labels[i, :n], labels[i]) and not gt_labels[i, n:].any()
     assert pad_targets([], [])[0].shape == (0, 1, 4)
+
+
+# --- the CPU path's pruning (ssd.matching._PriorBlocks) ----------------------------------------
+
+
+def _awkward_boxes(g: torch.Generator, n: int) -> torch.Tensor:
+    """(n, 4) xyxy boxes of every kind the pruning must get right: tiny, huge, thin, degenerate
+    (zero or negative size), partly or wholly outside [0, 1]."""
+    centre = torch.rand(n, 2, generator=g) * 1.4 - 0.2
+    size = torch.exp(torch.rand(n, 2, generator=g) * 7 - 6)  # 0.0025 .. 2.7
+    boxes = torch.cat((centre - size / 2, centre + size / 2), 1)
+    boxes[::7, 2] = boxes[::7, 0]  # zero width
+    boxes[3::11, 3] = boxes[3::11, 1] - 0.01  # negative height
+    return boxes
+
+
+@pytest.mark.parametrize("implementation", ["host"], indirect=True)
+@pytest.mark.parametrize("preset", ["tiny", "ssd300_vgg16", "random"])
+def test_prior_block_bounds_hold_for_every_prior(preset):
+    """The bound is never below a computed IoU of the block's priors, and a block said not to
+    overlap a box has IoU exactly 0 with it: what makes the pruned path exact."""
+    from ssd.priors import PriorSpec
+
+    g = torch.Generator().manual_seed(21)
+    if preset == "random":  # no grid at all, sizes over three octaves, some clipped to nothing
+        priors = torch.cat((torch.rand(700, 2, generator=g), torch.exp(torch.rand(700, 2, generator=g) * 3 - 4)), 1)
+        priors[::50, 2] = 0.0
+    else:
+        priors = PriorSpec.preset(preset).generate()
+    blocks = matching._PriorBlocks(cxcywh_to_xyxy(priors))
+    boxes = torch.cat((_awkward_boxes(g, 300), cxcywh_to_xyxy(priors[::97])))  # and priors themselves
+    overlaps, bound = blocks.iou_bounds(boxes)
+    iou = box_iou(boxes, blocks.xyxy.view(-1, 4)).view(len(boxes), *blocks.index.shape)  # (N, NB, S)
+    assert (iou.amax(-1) <= bound).all()
+    assert (iou[~overlaps] == 0).all()
+    assert sorted(blocks.index[blocks.index < len(priors)].tolist()) == list(range(len(priors)))
+    if preset != "random":  # on a grid it does prune: most blocks are skipped by position or size
+        assert overlaps.float().mean() < 0.5 and (bound >= 0.5).float().mean() < 0.1
+
+
+@pytest.mark.parametrize("implementation", ["both"], indirect=True)
+def test_host_shortcuts_equal_the_static_path_on_awkward_boxes():
+    """Exact threshold IoUs, boxes equal to priors (IoU 1, tied with duplicate priors in other
+    blocks), tiny boxes whose best prior is far below the threshold, boxes outside the image or
+    degenerate (IoU 0 everywhere: prior 0), 90 boxes in an image."""
+    from ssd.priors import PriorSpec
+
+    priors = PriorSpec.preset("ssd300_vgg16").generate()
+    priors = torch.cat((priors, priors[[5000, 17, 8000]]))  # duplicates, sorted into other blocks
+    g = torch.Generator().manual_seed(8)
+    xyxy = cxcywh_to_xyxy(priors)
+    exact = xyxy[[100, 2000, 6000]].clone()
+    exact[:, 2] = exact[:, 0] + 2 * (exact[:, 2] - exact[:, 0])  # twice as wide: IoU 0.5 exactly
+    images = [
+        torch.cat((xyxy[[17, 5000, 8000, 8731]], exact)),
+        _awkward_boxes(g, 90),
+        torch.tensor([[1.5, 1.5, 1.7, 1.8], [0.3, 0.3, 0.3, 0.6], [0.5, 0.5, 0.501, 0.5012]]),
+        _awkward_boxes(g, 5),
+    ]
+    labels = [torch.randint(1, 21, (len(b),), generator=g) for b in images]
+    padded = pad_targets(images, labels)
+    for threshold in (0.5, 0.35):
+        (l1, t1), (l2, t2) = _both(lambda t=threshold: match_priors(priors, *padded, iou_threshold=t))
+        assert torch.equal(l1, l2) and torch.equal(t1, t2)
+    # image 2's first two boxes overlap no prior: both force prior 0, the later one keeps it
+    assigned = assign_max_iou(priors, padded[0], padded[2], 0.5)
+    assert assigned[2, 0] == 1 and (assigned[2] == 2).sum() == 1
+    assert (l1[0, [17, 5000, 8000]] > 0).all()
+
+
+VOC_MINI = Path(__file__).resolve().parents[2] / "shared/datasets/voc2007-mini/VOCdevkit"
+COCO_MINI = Path(__file__).resolve().parents[2] / "shared/datasets/coco2017-mini"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("implementation", ["both"], indirect=True)
+@pytest.mark.parametrize("dataset", ["voc", "coco"])
+def test_host_shortcuts_equal_the_static_path_on_real_boxes(dataset):
+    """Every 32-image batch of VOC2007-mini's and COCO2017-mini's boxes, as bench_matching.py
+    times them: the same labels and targets bit for bit."""
+    import sys
+
+    from ssd.priors import PriorSpec
+
+    root = VOC_MINI if dataset == "voc" else COCO_MINI
+    if not root.is_dir():
+        pytest.skip(f"{root} is absent")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_matching import batches, real_targets
+
+    from ssd.data.coco import CocoReader
+    from ssd.data.voc import VocReader
+
+    reader = (VocReader(root, "2007:trainval+2007:test") if dataset == "voc"
+              else CocoReader(root / "images", root / "annotations" / "instances.json"))
+    priors = PriorSpec.preset("ssd300_vgg16").generate()
+    batch_list = batches(*real_targets(reader), 32)
+    assert len(batch_list) >= 15
+    for boxes, labels in batch_list:
+        padded = pad_targets(boxes, labels)
+        (l1, t1), (l2, t2) = _both(lambda padded=padded: match_priors(priors, *padded))
+        assert torch.equal(l1, l2) and torch.equal(t1, t2)
