@@ -108,12 +108,26 @@ def _candidates(
     logits = logits.float()
     threshold, k = params.score_threshold, params.pre_nms_top_k
     # Class scores sum to 1 - background, so one can pass only where background < 1 - threshold,
-    # i.e. where S = sum_c exp(logit_c - logit_0) = 1 / background > 1 / (1 - threshold). Cheaper
-    # than the softmax (a length-C reduction per prior is slow; this one is a matrix-vector
-    # product); overflow only adds candidates, and 1e-5 absorbs rounding: a superset.
-    ratios = (logits - logits[..., :1]).exp_()  # (B, P, C)
-    total = ratios @ logits.new_ones(num_classes)  # (B, P)
-    maybe_image, maybe_prior = (total * (1.0 - threshold + 1e-5) > 1.0).nonzero(as_tuple=True)
+    # i.e. where sum_c exp(logit_c) * (1 - threshold) > exp(logit_0). Cheaper than the softmax: a
+    # length-C reduction per prior is slow, this sum is a matrix-vector product; and exp of the
+    # logits as they are, image by image into one reused buffer, avoids a broadcast subtraction
+    # and a fresh (B, P, C) temporary (each cost as much as the exp). 1e-5 absorbs rounding;
+    # where exp overflows (logits > 88) or underflows (all < -69) the test cannot tell, and the
+    # prior stays a candidate: a superset, made exact by the softmax below.
+    ones = logits.new_ones(num_classes)
+    if logits.device.type == "cpu":
+        total = logits.new_empty((batch, num_priors))
+        background = logits.new_empty((batch, num_priors))
+        exps = logits.new_empty((num_priors, num_classes))
+        for i in range(batch):
+            torch.exp(logits[i], out=exps)
+            torch.mv(exps, ones, out=total[i])
+            background[i] = exps[:, 0]
+    else:  # one kernel per op for the batch
+        exps = logits.exp()  # (B, P, C)
+        total, background = exps @ ones, exps[..., 0]  # (B, P)
+    maybe = (total * (1.0 - threshold + 1e-5) > background) | ~(total.isfinite() & (total > 1e-30))
+    maybe_image, maybe_prior = maybe.nonzero(as_tuple=True)
     fg = None
     if 4 * maybe_image.numel() > batch * num_priors:
         # Most priors are candidates (an untrained network): one softmax over all of them costs

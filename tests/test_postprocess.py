@@ -281,3 +281,20 @@ def test_pre_nms_top_k_over_k_groups_and_ties_equal_torchvision(monkeypatch, den
     kept = (tied_boxes - expected[0]["boxes"]).abs().sum(-1).min(1).values < 1e-3  # (5,)
     assert kept.sum() == 2 and not kept[tied_priors.argsort()[:2]].all()
     _assert_same(ours, expected)
+
+
+def test_logits_beyond_exp_range_still_equal_torchvision():
+    """The candidate test exponentiates the logits as they are: where exp overflows (> 88) or
+    underflows (all < -69) the prior must stay a candidate, and the result equal torchvision's."""
+    priors = PriorSpec.preset("ssd300_vgg16").generate()
+    loc, logits = _trained_like(2, priors.shape[0], 21, seed=9)
+    logits[0, :40] += 150.0  # exp overflows; a shifted row has the same softmax
+    logits[0, 40:80] -= 150.0  # exp underflows for every class
+    logits[1, 100:140, 0] += 200.0  # overflow in the background only: nothing passes there
+    logits[1, 140:150, 0] = 120.0  # both overflow; class 7 at 0.73 (exact score ties would leave
+    logits[1, 140:150, 7] = 121.0 + torch.arange(10) * 0.01  # NMS's order to the sort)
+    probs = logits.softmax(-1)
+    assert (probs[0, :80, 1:] > 0.01).any() and (probs[1, 140:150, 7] > 0.7).all()
+    ours = postprocess(loc, logits, priors, PostprocessConfig(pre_nms_top_k=200), image_sizes=[(300, 300)] * 2)
+    _assert_same(ours, _torchvision_reference(loc, logits, priors, 200, pre_nms_top_k=200))
+    assert (ours[1]["labels"] == 7).sum() >= 1
