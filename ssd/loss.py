@@ -34,6 +34,11 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _INT64_MAX = 2**63 - 1
 _INF_BITS = 0x7F800000  # +inf; larger magnitudes are NaN
 
+#: on the CPU, let the cross-entropy's backward select the kept rows (a data-dependent shape,
+#: free where the host is the device); tests turn it off to check the static-shape passes, the
+#: ones accelerators run, on the CPU
+HOST_SHORTCUTS_ON_CPU = True
+
 
 def _ranking_key(loss: Tensor, positive: Tensor) -> Tensor:
     """Distinct int64 keys that rank priors as the mining does: a larger key is a harder negative.
@@ -128,16 +133,28 @@ class _CrossEntropy(torch.autograd.Function):
                 part = slice(start, start + chunk)
                 torch.log_softmax(rows[part], dim=-1, out=log_probs[part])
                 torch.gather(log_probs[part], -1, index[part], out=ce[part])
-        ctx.save_for_backward(log_probs, index)
+        ctx.save_for_backward(log_probs, index, ce)
         ctx.logits_shape = logits.shape
         return ce.view_as(labels).neg()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ce: Tensor) -> tuple[Tensor, None]:
-        log_probs, index = ctx.saved_tensors  # (B*P, C), (B*P, 1)
+        log_probs, index, log_p_label = ctx.saved_tensors  # (B*P, C), (B*P, 1), (B*P, 1)
         weight = grad_ce.reshape(-1, 1)  # (B*P, 1)
         minus_weight = -weight
+        if HOST_SHORTCUTS_ON_CPU and log_probs.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Only the kept rows (positives and mined negatives, ~1.5 % at ratio 3) have a nonzero
+            # weight: their gradient from a gathered copy, every other row zero-filled, instead
+            # of exp and multiply over all B x P x C values (a zero weight times a finite softmax
+            # is 0). A row with a NaN or +inf logit is NaN throughout its log_softmax, its label's
+            # entry included, and its gradient NaN whatever the weight: such rows are computed
+            # too, so the gradients stay those of the dense passes. On a CPU the host is the
+            # device, so selecting rows costs no sync; a GPU keeps the static-shape passes below.
+            rows = ((weight != 0) | ~log_p_label.isfinite()).view(-1).nonzero().squeeze(1)  # (K,)
+            grad_rows = log_probs.index_select(0, rows).exp_().mul_(weight[rows])
+            grad_rows.scatter_add_(-1, index[rows], minus_weight[rows])  # (K, C)
+            return log_probs.zero_().index_copy_(0, rows, grad_rows).view(ctx.logits_shape), None
         chunk = _row_chunk(log_probs.shape[0], log_probs.shape[1], log_probs.device)
         for start in range(0, log_probs.shape[0], chunk):
             part = slice(start, start + chunk)

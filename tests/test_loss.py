@@ -5,7 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ssd import loss as loss_module
 from ssd.loss import MultiBoxLoss, hard_negative_mask
+
+
+@pytest.fixture(autouse=True, params=["host", "static"])
+def implementation(request, monkeypatch):
+    """Every test on both backward paths: the CPU's (kept rows only) and the accelerators'
+    (static shapes, all rows)."""
+    monkeypatch.setattr(loss_module, "HOST_SHORTCUTS_ON_CPU", request.param == "host")
+    return request.param
 
 
 def test_hard_negative_mask_keeps_exactly_min_of_ratio_and_available():

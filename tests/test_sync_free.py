@@ -30,12 +30,13 @@ from ssd.transforms import build_transform
 
 @pytest.fixture(autouse=True)
 def static_matching(monkeypatch):
-    """The accelerator's matching path: on a CPU, matching takes host shortcuts (reading values
-    costs nothing there; tests/test_matching.py checks both paths equal), which this module's
-    guard would rightly refuse."""
-    from ssd import matching
+    """The accelerator's matching and loss paths: on a CPU, matching and the cross-entropy's
+    backward take host shortcuts (reading values costs nothing there; tests/test_matching.py and
+    tests/test_loss.py check both paths equal), which this module's guard would rightly refuse."""
+    from ssd import loss, matching
 
     monkeypatch.setattr(matching, "HOST_SHORTCUTS_ON_CPU", False)
+    monkeypatch.setattr(loss, "HOST_SHORTCUTS_ON_CPU", False)
 
 
 class HostSync(AssertionError):
