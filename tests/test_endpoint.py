@@ -397,3 +397,18 @@ def test_replicas_must_fit_the_cluster():
         check_serve_resources(ServeRequest(model="m", replicas=3), {"CPU": 2.0}, "here")
     with pytest.raises(JobError, match=r"2 replicas x 0.5 GPU need 1 GPUs, but here has 0"):
         check_serve_resources(ServeRequest(model="m", replicas=2, gpu=0.5), {"CPU": 8.0}, "here")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_endpoint_answers_as_the_cpu_one(tiny_checkpoint):
+    """--gpu replicas get device cuda (EndpointSettings.device): same answer as on the CPU."""
+    body = _png(_image(120, 160, seed=7))
+    cpu = Endpoint(EndpointSettings(model=str(tiny_checkpoint), device="cpu")).detect(body)
+    gpu_endpoint = Endpoint(EndpointSettings(model=str(tiny_checkpoint), device="auto"))
+    assert gpu_endpoint.info()["device"].startswith("cuda")
+    gpu = gpu_endpoint.detect(body)
+    assert len(gpu["detections"]) == len(cpu["detections"]) > 0
+    for g, c in zip(gpu["detections"], cpu["detections"]):
+        assert g["label"] == c["label"] and g["score"] == pytest.approx(c["score"], abs=1e-3)
+        assert g["box"] == pytest.approx(c["box"], abs=0.5)

@@ -59,7 +59,11 @@ def _request(url: str, body: bytes | None = None, method: str | None = None) -> 
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        text = err.read()
+        try:
+            return err.code, json.loads(text)
+        except ValueError:  # Serve's proxy itself answers in plain text (e.g. 404 before the app is up)
+            return err.code, {"proxy": text.decode(errors="replace")}
 
 
 # Processes and their listening sockets from /proc (Linux), as `ss -ltnp` finds them.
