@@ -154,7 +154,9 @@ def served(mlflow_server, tiny_checkpoint, tmp_path_factory, free_port):
 
     port = free_port()
     log_path = root / "serve.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    # the private cluster's object store capped (Ray sizes it from the machine's memory otherwise)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+           "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(256 * 2**20)}
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
