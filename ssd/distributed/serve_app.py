@@ -44,11 +44,11 @@ class SSDEndpoint:
 
         from ssd.distributed.ray_internals import bind_serve_replica_grpc
 
+        self._stop = threading.Event()  # first: __del__ runs even when loading the model fails
         # before Serve opens the replica's gRPC server (after this constructor): see there why
         bind_serve_replica_grpc(ray.util.get_node_ip_address())
         # Serve's logger: the replica's log file and stderr, with the replica's name
         self.endpoint = Endpoint(settings, ModelWatcher(settings, log=logging.getLogger("ray.serve")))
-        self._stop = threading.Event()
         if self.endpoint.watcher.follows_alias:
             threading.Thread(target=self._follow, name="ssd-alias-watcher", daemon=True).start()
 

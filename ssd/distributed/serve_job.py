@@ -68,9 +68,28 @@ def start_endpoint(resolved: ResolvedServe) -> str:
                     max_ongoing_requests=request.max_ongoing_requests)
     try:
         serve.run(app, name=request.app_name, route_prefix="/", blocking=False)
-    except RuntimeError as err:  # Serve's "Deploying application ... failed": the replica's error
-        raise ServeFailed(f"the endpoint did not start: {' '.join(str(err).split())[:2000]}") from None
+    except RuntimeError as err:  # Serve's "Deploying application ... failed"
+        reason = deployment_failure(request.app_name) or " ".join(str(err).split())
+        raise ServeFailed(f"the endpoint did not start: {reason}") from None
     return resolved.url
+
+
+def deployment_failure(app_name: str) -> str | None:
+    """The error a failed replica raised (the last line of the traceback Serve records in the
+    deployment's status), or None when Serve has none."""
+    from ray import serve
+
+    try:
+        status = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - the status is only a better message
+        return None
+    if status is None:
+        return None
+    for deployment in status.deployments.values():
+        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+        if lines:
+            return lines[-1][:1000]
+    return None
 
 
 def stop_endpoint() -> None:
