@@ -11,9 +11,11 @@ address.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from ssd.jobs.common import JobError
@@ -111,38 +113,50 @@ def run_serve(request: ServeRequest, *, ready: threading.Event | None = None,
     _connect(request)
     stop = stop or threading.Event()
     started = time.perf_counter()
-    try:
-        url = start_endpoint(resolved)
-        what = request.model + (f" (version {resolved.version})" if resolved.version else "")
-        print(f"serving {what} at {url} with {request.replicas} replica(s), "
-              f"{request.cpus:g} CPU" + (f" + {request.gpu:g} GPU" if request.gpu else "") + " each; "
-              + (f"following the alias every {request.reload_seconds:g} s; " if "@" in request.model else "")
-              + f"ready in {time.perf_counter() - started:.1f} s", flush=True)
-        print(f"  curl -s --data-binary @image.jpg {url}      # detections as JSON", flush=True)
-        print(f"  curl -s {url}health                           # the model serving now", flush=True)
-        if not resolved.loopback_only:
-            print(f"warning: --host {request.host} makes the endpoint reachable from the network, without "
-                  "authentication", flush=True)
-        if ready is not None:
-            ready.set()
-        _wait(stop)
-    finally:
-        print("stopping Serve", flush=True)
-        stop_endpoint()
-    return {"url": url, "model": request.model, "version": resolved.version, "replicas": request.replicas}
-
-
-def _wait(stop: threading.Event) -> None:
-    """Block until SIGINT, SIGTERM or ``stop`` (signal handlers only in the main thread)."""
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        for sig in previous:
-            signal.signal(sig, lambda *_: stop.set())
+    # the handlers go in before Serve starts: a signal during the start (or one that arrives
+    # before a caller sees the endpoint answer) still ends in a clean shutdown
+    with _stop_on_signals(stop):
         try:
+            url = start_endpoint(resolved)
+            what = request.model + (f" (version {resolved.version})" if resolved.version else "")
+            print(f"serving {what} at {url} with {request.replicas} replica(s), "
+                  f"{request.cpus:g} CPU" + (f" + {request.gpu:g} GPU" if request.gpu else "") + " each; "
+                  + (f"following the alias every {request.reload_seconds:g} s; " if "@" in request.model else "")
+                  + f"ready in {time.perf_counter() - started:.1f} s", flush=True)
+            print(f"  curl -s --data-binary @image.jpg {url}      # detections as JSON", flush=True)
+            print(f"  curl -s {url}health                           # the model serving now", flush=True)
+            if not resolved.loopback_only:
+                print(f"warning: --host {request.host} makes the endpoint reachable from the network, without "
+                      "authentication", flush=True)
+            if ready is not None:
+                ready.set()
             while not stop.wait(0.5):
                 pass
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-    else:
-        stop.wait()
+            print("stopping Serve", flush=True)
+            stop_endpoint()
+    return {"url": url, "model": request.model, "version": resolved.version, "replicas": request.replicas}
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGINT and SIGTERM set ``stop`` while inside; a second one, while Serve is still starting
+    or stopping, raises KeyboardInterrupt. Signal handlers only in the main thread (elsewhere
+    ``stop`` alone ends the wait); the previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
