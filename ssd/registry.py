@@ -97,6 +97,21 @@ def model_version(client: mlflow.MlflowClient, reference: str) -> Any | None:
         raise ModelReferenceError(f"{reference}: cannot reach the registry at {client.tracking_uri}: {err}") from None
 
 
+def registered_version(reference: str, tracking_uri: str | None = None) -> str:
+    """The version number a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` reference names
+    now, without downloading anything (a served model polls it to follow its alias).
+
+    Raises:
+        ModelReferenceError: not such a reference, no such model, version or alias, or the
+            registry cannot be reached.
+    """
+    version = model_version(mlflow.MlflowClient(tracking_uri=tracking_uri), reference)
+    if version is None:
+        raise ModelReferenceError(f"{reference}: not a registered model reference (models:/NAME@ALIAS or "
+                                  "models:/NAME/VERSION)")
+    return str(version.version)
+
+
 def resolve_model(reference: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> ResolvedModel:
     """A checkpoint directory or an MLflow model reference -> :class:`ResolvedModel`.
 

@@ -3,14 +3,17 @@
 * every YAML under infra/k8s and infra/mlflow parses (multi-document) and every object validates
   against its schema: Kubernetes v1.30 strict schemas (tests/schemas/kubernetes-v1.30.json,
   generated from the kubernetes-validate wheel by tests/schemas/make_kubernetes_schema.py),
-  KubeRay ray.io/v1 RayCluster/RayJob (tests/schemas/kuberay-v1.json, from KubeRay's Go types),
+  KubeRay ray.io/v1 RayCluster/RayJob/RayService (tests/schemas/kuberay-v1.json, from KubeRay's Go
+  types),
   and the compose file against a subset of the Compose Specification (tests/schemas/compose-min.json);
 * the Ray version of every `rayVersion`, every Ray image tag and the Dockerfile is the one
   pyproject.toml pins, and the MLflow server image is the pinned MLflow;
 * every RayJob entrypoint names a script of the repo whose own `get_args_parser()` accepts its
   arguments, with a config, overrides and search space that load, and a `--workers` that equals
   the GPUs of its cluster (one Ray worker pod per GPU);
-* every Ray cluster (RayCluster, RayJob) runs with Ray's token auth through KubeRay's
+* every RayService's Serve config imports the repo's app builder with arguments it accepts, names
+  its deployment, and fits its replicas on the cluster's GPU pods;
+* every Ray cluster (RayCluster, RayJob, RayService) runs with Ray's token auth through KubeRay's
   `authOptions: {mode: token}`, nothing sets RAY_AUTH_* by hand or turns auth off, and
   docs/cluster.md has users create the Secret KubeRay reads and submit with its token;
 * no committed file holds a password or secret key (a Ray token included) in plain text.
@@ -155,11 +158,13 @@ def objects_of(kind: str) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def cluster_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    """The RayClusterSpec(s) of a RayCluster or RayJob."""
+    """The RayClusterSpec(s) of a RayCluster, RayJob or RayService."""
     if obj["kind"] == "RayCluster":
         return [obj["spec"]]
     if obj["kind"] == "RayJob" and "rayClusterSpec" in obj["spec"]:
         return [obj["spec"]["rayClusterSpec"]]
+    if obj["kind"] == "RayService" and "rayClusterConfig" in obj["spec"]:
+        return [obj["spec"]["rayClusterConfig"]]
     return []
 
 
@@ -392,6 +397,65 @@ def entrypoint_errors(job: dict[str, Any], workdir: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# RayService: the Serve config
+
+
+def serve_config_errors(service: dict[str, Any]) -> list[str]:
+    """What is wrong with a RayService's ``serveConfigV2`` for the repo and the cluster it brings:
+    each application's ``import_path`` must resolve to ``ssd.distributed.serve_app.app_builder``
+    and its ``args`` be accepted by it (``ssd.endpoint.settings_from_args``) with a registry model
+    (a path would be one inside the pod); deployments must be the app's own, one GPU per replica,
+    the replicas within the GPU pods and their CPUs within a pod."""
+    from ray.serve import Application
+
+    from ssd.distributed import serve_app
+    from ssd.endpoint import settings_from_args
+    from ssd.registry import is_model_uri
+
+    try:
+        config = yaml.safe_load(service["spec"].get("serveConfigV2") or "") or {}
+    except yaml.YAMLError as err:
+        return [f"serveConfigV2 is not YAML: {err}"]
+    cluster = service["spec"]["rayClusterConfig"]
+    gpus, pod_cpus = int(cluster_resources(cluster)["GPU"]), worker_pod_cpus(cluster)
+    errors, replicas = [], 0
+    applications = config.get("applications") or []
+    if not applications:
+        errors.append("serveConfigV2 has no application")
+    for app in applications:
+        name = app.get("name")
+        module, _, attribute = str(app.get("import_path", "")).partition(":")
+        try:
+            builder = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError, ValueError) as err:
+            errors.append(f"app {name}: import_path {app.get('import_path')!r} does not resolve ({err})")
+            builder = None
+        if builder is not None and builder is not serve_app.app_builder:
+            errors.append(f"app {name}: import_path {app.get('import_path')!r} is not "
+                          "ssd.distributed.serve_app:app_builder")
+        try:
+            settings = settings_from_args(app.get("args") or {})
+            if not is_model_uri(settings.model):
+                errors.append(f"app {name}: args.model {settings.model!r} is not a registry model (models:/...)")
+            if builder is serve_app.app_builder and not isinstance(builder(dict(app.get("args") or {})), Application):
+                errors.append(f"app {name}: the builder returns no Serve application")
+        except (ValueError, TypeError) as err:
+            errors.append(f"app {name}: args: {err}")
+        for deployment in app.get("deployments") or []:
+            if deployment.get("name") != serve_app.DEPLOYMENT:
+                errors.append(f"app {name}: no deployment {deployment.get('name')!r} (it is {serve_app.DEPLOYMENT})")
+            options = deployment.get("ray_actor_options") or {}
+            if options.get("num_gpus") != 1:
+                errors.append(f"app {name}: num_gpus {options.get('num_gpus')} != 1 (one replica per GPU pod)")
+            if float(options.get("num_cpus", 1)) > pod_cpus:
+                errors.append(f"app {name}: num_cpus {options.get('num_cpus')} > a worker pod's {pod_cpus:g} CPUs")
+            replicas += int(deployment.get("num_replicas", 1))
+    if replicas > gpus:
+        errors.append(f"{replicas} replicas of one GPU each > the cluster's {gpus} GPU pods")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
 # Secrets
 
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|PRIVATE_KEY", re.IGNORECASE)
@@ -605,10 +669,11 @@ def doc_auth_errors(text: str, secret: str) -> list[str]:
 def test_there_are_manifests():
     names = {_rel(p) for p in K8S_FILES}
     for expected in ("infra/k8s/raycluster.yaml", "infra/k8s/rayjob-train.yaml", "infra/k8s/rayjob-tune.yaml",
-                     "infra/k8s/rayjob-pretrain-finetune.yaml", "infra/mlflow/k8s/mlflow.yaml"):
+                     "infra/k8s/rayjob-pretrain-finetune.yaml", "infra/k8s/rayservice-serve.yaml",
+                     "infra/mlflow/k8s/mlflow.yaml"):
         assert expected in names
     assert {obj["kind"] for _, obj in all_objects()} >= {
-        "RayCluster", "RayJob", "Deployment", "StatefulSet", "Service", "Job", "ConfigMap", "PersistentVolumeClaim"}
+        "RayCluster", "RayJob", "RayService", "Deployment", "StatefulSet", "Service", "Job", "ConfigMap", "PersistentVolumeClaim"}
 
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=_rel)
@@ -679,6 +744,9 @@ CORRUPTIONS = {
         lambda o: o["spec"]["template"]["spec"]["containers"][0]["env"][0].update(valueFrom={"secretRef": {}})),
     "no name": (lambda: _first_of("ConfigMap"), lambda o: o["metadata"].pop("name")),
     "authOptions bad mode": (_raycluster, lambda o: o["spec"].update(authOptions={"mode": "tokens"})),
+    "RayService unknown spec key": (lambda: _first_of("RayService"), lambda o: o["spec"].update(serveConfig="x")),
+    "RayService rayClusterSpec (a RayJob's name)": (
+        lambda: _first_of("RayService"), lambda o: o["spec"].update(rayClusterSpec=o["spec"].pop("rayClusterConfig"))),
     "authOptions secretName (KubeRay 1.6)": (
         lambda: _first_of("RayJob"),
         lambda o: o["spec"]["rayClusterSpec"]["authOptions"].update(secretName="ssd-ray")),
@@ -831,6 +899,44 @@ def _jobs() -> list[tuple[str, dict[str, Any]]]:
 @pytest.mark.parametrize("where,job", _jobs(), ids=[w for w, _ in _jobs()])
 def test_rayjob_entrypoint_runs_a_repo_script_that_accepts_it(where, job):
     assert entrypoint_errors(job, dockerfile_workdir(RAY_DOCKERFILE.read_text())) == []
+
+
+def _services() -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{_rel(p)}", o) for p, o in objects_of("RayService")]
+
+
+@pytest.mark.parametrize("where,service", _services(), ids=[w for w, _ in _services()])
+def test_rayservice_serves_the_repo_app_on_its_cluster(where, service):
+    assert serve_config_errors(service) == []
+
+
+def _edit_serve_config(before: str, after: str):
+    def corrupt(service):
+        text = service["spec"]["serveConfigV2"]
+        assert before in text, before
+        service["spec"]["serveConfigV2"] = text.replace(before, after)
+    return corrupt
+
+
+SERVE_CORRUPTIONS = {
+    "unknown arg": _edit_serve_config("reload_seconds:", "reload_secs:"),
+    "import path nowhere": _edit_serve_config("serve_app:app_builder", "serve_app:builder"),
+    "another callable": _edit_serve_config("serve_app:app_builder", "serve_app:build_app"),
+    "model as a path": _edit_serve_config("model: models:/ssd-voc@champion", "model: /models/best"),
+    "deployment name": _edit_serve_config("- name: SSDEndpoint", "- name: Detector"),
+    "more replicas than GPU pods": _edit_serve_config("num_replicas: 2", "num_replicas: 3"),
+    "two GPUs a replica": _edit_serve_config("num_gpus: 1", "num_gpus: 2"),
+    "more CPUs than a pod": _edit_serve_config("num_cpus: 4", "num_cpus: 16"),
+    "not YAML": _edit_serve_config("applications:", "applications: [\n"),
+}
+
+
+@pytest.mark.parametrize("corruption", SERVE_CORRUPTIONS)
+def test_serve_config_check_rejects_a_corrupted_service(corruption):
+    service = _first_of("RayService")
+    assert serve_config_errors(service) == []
+    SERVE_CORRUPTIONS[corruption](service)
+    assert serve_config_errors(service), f"the Serve config check let through: {corruption}"
 
 
 def test_there_is_a_rayjob_per_pipeline():
@@ -998,7 +1104,8 @@ def test_cluster_doc_check_finds_a_bad_command():
 
 
 def _ray_objects() -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{_rel(p)}:{o['metadata']['name']}", o) for p, o in all_objects() if o["kind"] in ("RayCluster", "RayJob")]
+    return [(f"{_rel(p)}:{o['metadata']['name']}", o) for p, o in all_objects()
+            if o["kind"] in ("RayCluster", "RayJob", "RayService")]
 
 
 @pytest.mark.parametrize("where,obj", _ray_objects(), ids=[w for w, _ in _ray_objects()])
@@ -1012,7 +1119,7 @@ def test_every_ray_pod_uses_the_shared_configmap_without_auth_settings():
     configmaps = _configmap_data()
     assert "ssd-ray-env" in configmaps and not set(configmaps["ssd-ray-env"]) & RAY_AUTH_ENV
     kinds = [o["kind"] for _, o in _ray_objects()]
-    assert kinds.count("RayCluster") == 1 and kinds.count("RayJob") == 3
+    assert kinds.count("RayCluster") == 1 and kinds.count("RayJob") == 3 and kinds.count("RayService") == 1
 
 
 def _add_env(group: str, name: str, **value):
@@ -1039,7 +1146,7 @@ AUTH_CORRUPTIONS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob", "RayService"])
 @pytest.mark.parametrize("corruption", AUTH_CORRUPTIONS)
 def test_token_auth_check_rejects_a_corrupted_cluster(kind, corruption):
     obj, configmaps = _first_of(kind), copy.deepcopy(_configmap_data())

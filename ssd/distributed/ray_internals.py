@@ -82,3 +82,33 @@ def pack_working_dir(root: Path, target: Path, logger: logging.Logger) -> None:
     from ray._private.runtime_env.packaging import create_package
 
     create_package(str(root), target, include_parent_dir=False, excludes=[], include_gitignore=True, logger=logger)
+
+
+def bind_serve_replica_grpc(host: str) -> None:
+    """Make this process's Ray Serve replica bind its inter-deployment gRPC server to ``host``
+    (the node's address) instead of every interface.
+
+    Ray 2.60's replica opens that server with ``add_port_to_grpc_server(server, "[::]:0")``
+    (``ray/serve/_private/replica.py``, ``Replica._on_initialized``), after the deployment's
+    constructor has run, and it has no option for the address: on a single-machine cluster it is
+    the one Serve port reachable from the network (the HTTP proxy listens where ``http_options``
+    says). The name that method looks up is replaced, in this worker process only, by one that
+    rewrites exactly the wildcard address; every other address passes unchanged. Called from the
+    deployment's constructor, so it is in place before ``_on_initialized``. Idempotent.
+    """
+    from ray.serve._private import replica
+
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "_ssd_bound_to", None) == host:
+        return
+    original = getattr(original, "_ssd_original", original)
+    literal = f"[{host}]" if ":" in host else host  # an IPv6 node address needs brackets
+
+    def add_port(server: Any, address: str) -> int:
+        if address.startswith("[::]:"):
+            address = f"{literal}:{address[len('[::]:'):]}"
+        return original(server, address)
+
+    add_port._ssd_original = original  # type: ignore[attr-defined]
+    add_port._ssd_bound_to = host  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = add_port
