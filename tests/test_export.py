@@ -1,0 +1,340 @@
+"""ONNX export (``ssd.export``, ``ssd.onnx_postprocess``, ``pipelines/export.py``): onnxruntime
+against PyTorch on real images, for every preset; the CLI against a real MLflow registry."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ssd.boxes import decode
+from ssd.config import load_config
+from ssd.models import build_model
+from ssd.onnx_postprocess import postprocess_outputs
+from ssd.postprocess import PostprocessConfig, postprocess
+from ssd.serving import Detector, to_image_tensor
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra (pip install -e .[test])")
+
+from ssd.export import (  # after the importorskip: these tests need onnxruntime
+    NMS_OUTPUTS,
+    RAW_OUTPUTS,
+    ExportableSSD,
+    OnnxMismatch,
+    check_onnx,
+    export_onnx,
+    onnx_session,
+    read_metadata,
+    reference_outputs,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+VOC_IMAGES = REPO.parent / "shared/datasets/voc2007-mini/VOCdevkit/VOC2007/JPEGImages"
+#: the slow presets, random init (no pretrained backbone to download)
+PRESETS = ["ssd300_vgg16", "ssd512_vgg16", "mobilenetv1_ssd300", "mobilenetv2_ssdlite300"]
+
+
+def _pipeline(name: str):
+    spec = importlib.util.spec_from_file_location(f"_pipeline_{name}", REPO / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+export_cli = _pipeline("export")
+
+
+def _real_images(count: int) -> list[torch.Tensor]:
+    """``count`` real photographs (VOC-mini) as uint8 (3, H, W); the synthetic data's images when
+    the shared datasets are absent (a fresh clone without ../shared)."""
+    if VOC_IMAGES.is_dir():
+        files = sorted(VOC_IMAGES.glob("*.jpg"))[:count]
+        return [to_image_tensor(path, i) for i, path in enumerate(files)]
+    from ssd.data.synthetic import render_sample
+
+    return [render_sample(i, seed=7)[0] for i in range(count)]
+
+
+def _model(preset: str, classes: int | None = None) -> tuple[torch.nn.Module, object, list[str]]:
+    overrides = [] if preset == "tiny" else ["model.backbone_weights=none"]
+    if classes is not None:
+        overrides.append(f"model.num_classes={classes + 1}")
+    cfg = load_config(preset, overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    return model, cfg, [f"class{i}" for i in range(1, cfg.model.num_classes)]
+
+
+def _assert_same_detections(got: dict[str, np.ndarray], want: dict[str, torch.Tensor], where: str) -> None:
+    assert len(got["scores"]) == len(want["scores"]), where
+    np.testing.assert_array_equal(got["labels"], want["labels"].numpy(), err_msg=where)
+    np.testing.assert_allclose(got["scores"], want["scores"].numpy(), rtol=0, atol=1e-4, err_msg=where)
+    # boxes in pixels of images up to 500 wide: 1e-4 of the image
+    scale = float(want["boxes"].abs().max()) if len(want["boxes"]) else 1.0
+    np.testing.assert_allclose(got["boxes"], want["boxes"].numpy(), rtol=0, atol=1e-4 * max(scale, 1.0),
+                               err_msg=where)
+
+
+def _onnx_detections(outputs: dict[str, np.ndarray], sizes: torch.Tensor) -> list[dict[str, np.ndarray]]:
+    """The padded in-graph-NMS outputs -> per image detections in pixels of ``sizes`` (h, w)."""
+    out = []
+    for i, (height, width) in enumerate(sizes.tolist()):
+        count = int(outputs["num_detections"][i])
+        assert not outputs["scores"][i, count:].any() and not outputs["labels"][i, count:].any()
+        boxes = outputs["boxes"][i, :count] * np.array([width, height, width, height], dtype=np.float32)
+        out.append({"boxes": boxes, "scores": outputs["scores"][i, :count], "labels": outputs["labels"][i, :count]})
+    return out
+
+
+def _run(session, batch: torch.Tensor) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"images": batch.numpy()})))
+
+
+def _export_both(model, cfg, classes, folder: Path, exporter: str = "dynamo") -> tuple[Path, Path]:
+    """The graph with NMS and the one without, written in ``folder``."""
+    return (export_onnx(model, cfg, classes, folder / "nms.onnx", exporter=exporter),
+            export_onnx(model, cfg, classes, folder / "raw.onnx", nms=False, exporter=exporter))
+
+
+def _check_preset(model, cfg, classes, files: tuple[Path, Path], images: list[torch.Tensor]) -> None:
+    """Both graphs of one model against PyTorch on ``images`` (batch 1, then the rest, in one
+    session each): raw outputs to 1e-4, detections equal to the project's (``Detector``)."""
+    detector = Detector(model, cfg, classes)
+    batch, sizes = detector.preprocess(images)  # uint8 (B, 3, S, S): the evaluation's resize
+    want = detector.predict_tensors(images)  # PyTorch: boxes in pixels of the original images
+    chunks = [slice(0, 1), slice(1, len(images))]  # batch 1 and batch B - 1: one graph, both sizes
+
+    with_nms = onnx_session(files[0])
+    assert [o.name for o in with_nms.get_outputs()] == list(NMS_OUTPUTS)
+    assert isinstance(with_nms.get_inputs()[0].shape[0], str), "the batch size is baked into the graph"
+    for chunk in chunks:
+        got = _onnx_detections(_run(with_nms, batch[chunk]), sizes[chunk])
+        for i, (g, w) in enumerate(zip(got, want[chunk])):
+            _assert_same_detections(g, w, f"in-graph NMS, image {chunk.start + i}")
+
+    raw = onnx_session(files[1])
+    assert [o.name for o in raw.get_outputs()] == list(RAW_OUTPUTS)
+    meta = read_metadata(raw)
+    params = {"score_threshold": float(meta["ssd.score_threshold"]), "nms_iou": float(meta["ssd.nms_iou"]),
+              "pre_nms_top_k": int(meta["ssd.pre_nms_top_k"]), "top_k": int(meta["ssd.top_k"])}
+    for chunk in chunks:
+        got = _run(raw, batch[chunk])
+        ref_boxes, ref_scores = reference_outputs(model, cfg, batch[chunk])
+        assert got["boxes"].shape == (chunk.stop - chunk.start, cfg.priors.num_priors(), 4)
+        np.testing.assert_allclose(got["boxes"], ref_boxes.numpy(), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got["scores"], ref_scores.numpy(), rtol=0, atol=1e-4)
+        detections = postprocess_outputs(got["boxes"], got["scores"], image_sizes=sizes[chunk].numpy(), **params)
+        for i, (g, w) in enumerate(zip(detections, want[chunk])):
+            _assert_same_detections(g, w, f"--no-nms + postprocess_outputs, image {chunk.start + i}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random-init tiny SSD with 20 classes and its two exports (dynamo), shared by the tests;
+    also eager normalisation before and after exporting (the trap test)."""
+    from types import SimpleNamespace
+
+    from ssd.transforms import normalize
+
+    model, cfg, classes = _model("tiny", classes=20)
+    probe = torch.full((1, 3, 8, 8), 200, dtype=torch.uint8)
+    args = (cfg.augment.mean, cfg.augment.std, cfg.augment.input_convention)
+    before = normalize(probe, *args).clone()  # fills ssd.transforms' constants cache first
+    files = _export_both(model, cfg, classes, tmp_path_factory.mktemp("tiny-onnx"))
+    return SimpleNamespace(model=model, cfg=cfg, classes=classes, files=files, normalized_before=before,
+                           normalized_after=normalize(probe, *args))
+
+
+# --------------------------------------------------------------------------------------------
+# postprocess_outputs (numpy) against hand-computed cases and the project's postprocess
+# --------------------------------------------------------------------------------------------
+
+
+def test_postprocess_outputs_hand_computed():
+    # three priors: A and B overlap with IoU 0.25 / (0.5 + 0.5 - 0.25) = 1/3, C is apart
+    boxes = np.array([[[0.0, 0.0, 0.5, 1.0], [0.25, 0.0, 0.75, 1.0], [0.8, 0.8, 1.0, 1.0]]], np.float32)
+    # columns: class 1, class 2
+    scores = np.array([[[0.6, 0.05], [0.5, 0.3], [0.2, 0.01]]], np.float32)
+    common = {"score_threshold": 0.01, "pre_nms_top_k": 0, "top_k": 10}
+    # IoU 1/3 > 0.3: in class 1, A (0.6) suppresses B (0.5); in class 2, B (0.3) suppresses A
+    # (0.05), and C scores exactly the threshold (out: strictly above passes)
+    (det,) = postprocess_outputs(boxes, scores, nms_iou=0.3, **common)
+    assert det["labels"].tolist() == [1, 2, 1]
+    np.testing.assert_allclose(det["scores"], [0.6, 0.3, 0.2])
+    np.testing.assert_array_equal(det["boxes"], boxes[0, [0, 1, 2]])
+    # IoU 1/3 <= 0.4: nothing is suppressed
+    (det,) = postprocess_outputs(boxes, scores, nms_iou=0.4, **common)
+    assert det["labels"].tolist() == [1, 1, 2, 1, 2]
+    np.testing.assert_allclose(det["scores"], [0.6, 0.5, 0.3, 0.2, 0.05])
+    # pre-NMS top-1 per class, then the image's top 2; pixels of a 200 x 100 (h x w) image
+    (det,) = postprocess_outputs(boxes, scores, nms_iou=0.4, score_threshold=0.01, pre_nms_top_k=1, top_k=2,
+                                 image_sizes=[(200, 100)])
+    assert det["labels"].tolist() == [1, 2]
+    np.testing.assert_allclose(det["boxes"], [[0, 0, 50, 200], [25, 0, 75, 200]])
+
+
+@pytest.mark.parametrize("params", [PostprocessConfig(),
+                                    PostprocessConfig(score_threshold=0.05, nms_iou=0.3, top_k=15, pre_nms_top_k=7)])
+def test_postprocess_outputs_equals_the_projects_postprocess(params):
+    """Same network outputs -> the same detections, bit for bit (a trained network's
+    confident scores, and near-uniform ones where every class is a candidate)."""
+    cfg = load_config("tiny", ["model.num_classes=5"])
+    priors = build_model(cfg).coding.priors()
+    generator = torch.Generator().manual_seed(3)
+    loc = torch.randn((2, priors.shape[0], 4), generator=generator) * 0.5
+    for spread in (2.5, 0.3):
+        logits = torch.randn((2, priors.shape[0], 5), generator=generator) * spread
+        want = postprocess(loc, logits, priors, params, image_sizes=[(300, 200), (120, 480)])
+        boxes = decode(loc, priors).clamp(0.0, 1.0)
+        scores = logits.softmax(dim=-1)[..., 1:]
+        got = postprocess_outputs(boxes.numpy(), scores.numpy(), score_threshold=params.score_threshold,
+                                  nms_iou=params.nms_iou, pre_nms_top_k=params.pre_nms_top_k, top_k=params.top_k,
+                                  image_sizes=[(300, 200), (120, 480)])
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert len(w["scores"]) > 0
+            np.testing.assert_array_equal(g["labels"], w["labels"].numpy(), err_msg=f"spread {spread} image {i}")
+            np.testing.assert_array_equal(g["scores"], w["scores"].numpy(), err_msg=f"spread {spread} image {i}")
+            np.testing.assert_allclose(g["boxes"], w["boxes"].numpy(), rtol=1e-6, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The exported graph against PyTorch
+# --------------------------------------------------------------------------------------------
+
+
+def test_tiny_onnx_equals_pytorch_on_real_images(tiny):
+    _check_preset(tiny.model, tiny.cfg, tiny.classes, tiny.files, _real_images(4))
+
+
+def test_torchscript_exporter_gives_the_same_graph_outputs(tmp_path):
+    model, cfg, classes = _model("tiny", classes=6)
+    files = _export_both(model, cfg, classes, tmp_path, exporter="torchscript")
+    _check_preset(model, cfg, classes, files, _real_images(3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_onnx_equals_pytorch_on_real_images(preset, tmp_path):
+    model, cfg, classes = _model(preset)
+    _check_preset(model, cfg, classes, _export_both(model, cfg, classes, tmp_path), _real_images(3))
+
+
+def test_metadata_lets_a_user_without_the_project_run_it(tiny):
+    for path, nms in zip(tiny.files, (True, False)):
+        meta = read_metadata(path)
+        assert json.loads(meta["ssd.classes"]) == tiny.classes
+        assert int(meta["ssd.input_size"]) == tiny.cfg.priors.image_size == 128
+        assert json.loads(meta["ssd.variances"]) == list(tiny.cfg.matching.variances)
+        assert float(meta["ssd.score_threshold"]) == tiny.cfg.postprocess.score_threshold
+        assert float(meta["ssd.nms_iou"]) == tiny.cfg.postprocess.nms_iou
+        assert int(meta["ssd.top_k"]) == tiny.cfg.postprocess.top_k
+        assert meta["ssd.arch"] == "tiny"
+        assert meta["ssd.nms"] == ("in-graph" if nms else "none")
+        assert ("num_detections" in meta["ssd.outputs"]) == nms
+        assert ("postprocess_outputs" in meta["ssd.outputs"]) == (not nms)
+
+
+def test_check_refuses_a_file_that_does_not_match_the_model(tiny):
+    with_nms, raw = tiny.files
+    assert check_onnx(raw, tiny.model, tiny.cfg).max_score_diff <= 1e-4
+    assert check_onnx(with_nms, tiny.model, tiny.cfg).detections > 0
+    other, _, _ = _model("tiny", classes=20)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.01)
+    with pytest.raises(OnnxMismatch, match="differ from PyTorch's"):
+        check_onnx(raw, other, tiny.cfg)
+    with pytest.raises(OnnxMismatch):
+        check_onnx(with_nms, other, tiny.cfg)
+
+
+def test_soft_nms_exports_only_without_nms():
+    cfg = load_config("tiny", ["postprocess.method=soft_gaussian"])
+    model = build_model(cfg)
+    with pytest.raises(ValueError, match="--no-nms"):
+        ExportableSSD(model, cfg, nms=True)
+    ExportableSSD(model, cfg, nms=False)
+
+
+def test_export_leaves_eager_normalisation_intact(tiny):
+    """The known trap: normalising through ssd.transforms' cache while tracing poisons it."""
+    assert torch.equal(tiny.normalized_before, tiny.normalized_after)
+
+
+# --------------------------------------------------------------------------------------------
+# pipelines/export.py
+# --------------------------------------------------------------------------------------------
+
+
+def _export(*argv: str) -> dict:
+    return export_cli.main(export_cli.get_args_parser().parse_args(list(argv)))
+
+
+def test_cli_bad_model_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit) as raised:
+        _export("--model", str(tmp_path / "missing"), "--out", str(tmp_path / "m.onnx"))
+    message = str(raised.value.code)
+    assert message.startswith("error: --model") and "not a checkpoint folder" in message and "\n" not in message
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_refuses_a_mismatching_file(tiny_checkpoint, tmp_path, monkeypatch):
+    import ssd.export
+
+    real_export = ssd.export.export_onnx
+
+    def wrong_export(model, *args, **kwargs):  # the file of a slightly different network
+        other = build_model(Detector.from_checkpoint(tiny_checkpoint).cfg)
+        return real_export(other, *args, **kwargs)
+
+    monkeypatch.setattr(ssd.export, "export_onnx", wrong_export)
+    with pytest.raises(SystemExit) as raised:
+        _export("--model", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx"), "--no-nms")
+    message = str(raised.value.code)
+    assert message.startswith("error:") and "does not match PyTorch" in message and "\n" not in message
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_cli_logs_the_file_to_the_registered_version(mlflow_server, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from ssd.mlflow_model import log_ssd_model
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test (the CLI sets them)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.create_run(client.create_experiment("ssd-export-test"), run_name="train")
+    info = log_ssd_model(run.info.run_id, mlflow_server, tiny_checkpoint, register_as="ssd-export", torch_flavour=False)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_registered_model_alias("ssd-export", "champion", info["version"])
+
+    out = tmp_path / "exported" / "model.onnx"
+    result = _export("--model", "models:/ssd-export@champion", "--out", str(out), "--mlflow-uri", mlflow_server)
+    assert "onnxruntime matches PyTorch" in capsys.readouterr().out
+    version = client.get_model_version("ssd-export", info["version"])
+    assert version.tags["onnx/uri"] == f"runs:/{run.info.run_id}/onnx/model.onnx" == result["logged_uri"]
+    assert version.tags["onnx/nms"] == "true" and version.tags["onnx/exporter"] == "dynamo"
+    assert version.tags["onnx/sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "onnx")] == ["onnx/model.onnx"]
+    downloaded = mlflow.artifacts.download_artifacts(artifact_uri=version.tags["onnx/uri"],
+                                                     dst_path=str(tmp_path / "dl"), tracking_uri=mlflow_server)
+    assert hashlib.sha256(Path(downloaded).read_bytes()).hexdigest() == version.tags["onnx/sha256"]
+    # the downloaded file detects what the registered model's Detector detects
+    detector = Detector.from_checkpoint(tiny_checkpoint)
+    images = _real_images(2)
+    batch, sizes = detector.preprocess(images)
+    got = _onnx_detections(_run(onnx_session(downloaded), batch), sizes)
+    for i, (g, w) in enumerate(zip(got, detector.predict_tensors(images))):
+        _assert_same_detections(g, w, f"downloaded file, image {i}")
+
+    with pytest.raises(SystemExit) as raised:
+        _export("--model", "models:/ssd-export@nope", "--out", str(tmp_path / "x.onnx"), "--mlflow-uri", mlflow_server)
+    assert str(raised.value.code).startswith("error: --model models:/ssd-export@nope")
+    assert "\n" not in str(raised.value.code)
