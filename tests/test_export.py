@@ -66,18 +66,57 @@ def _model(preset: str, classes: int | None = None) -> tuple[torch.nn.Module, ob
         overrides.append(f"model.num_classes={classes + 1}")
     cfg = load_config(preset, overrides)
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    return model, cfg, [f"class{i}" for i in range(1, cfg.model.num_classes)]
+    model = build_model(cfg)
+    _calibrate_batchnorm(model, cfg)
+    return model.eval(), cfg, [f"class{i}" for i in range(1, cfg.model.num_classes)]
+
+
+def _calibrate_batchnorm(model: torch.nn.Module, cfg) -> None:
+    """Batch-norm running statistics from a few real images, as training would leave them.
+
+    At random init the MobileNets' activations shrink layer by layer (the running statistics
+    are 0 and 1), their class logits are all ~0 and the scores tie at 1 / (C + 1): no test of
+    which detection wins could tell right from wrong. With statistics of real activations they
+    spread as a trained network's do."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the calibration batch
+    batch, _ = Detector(model, cfg, [f"c{i}" for i in range(1, cfg.model.num_classes)]).preprocess(_real_images(4))
+    from ssd.engine import network_input
+
+    model.train()
+    with torch.no_grad():
+        model(network_input(batch, cfg, torch.device("cpu"), torch.contiguous_format))
+    model.eval()
+    for norm in norms:
+        # The deepest maps (3x3 .. 1x1) give a channel 4 to 36 values: some variances come out
+        # near 0 and their gains amplify float32 rounding to ~1e-4 at the outputs (PyTorch
+        # against itself in float64), which no trained network does. A floor at the layer's
+        # mean variance bounds the gains.
+        norm.running_var.clamp_(min=float(norm.running_var.mean()))
 
 
 def _assert_same_detections(got: dict[str, np.ndarray], want: dict[str, torch.Tensor], where: str) -> None:
-    assert len(got["scores"]) == len(want["scores"]), where
-    np.testing.assert_array_equal(got["labels"], want["labels"].numpy(), err_msg=where)
-    np.testing.assert_allclose(got["scores"], want["scores"].numpy(), rtol=0, atol=1e-4, err_msg=where)
-    # boxes in pixels of images up to 500 wide: 1e-4 of the image
-    scale = float(want["boxes"].abs().max()) if len(want["boxes"]) else 1.0
-    np.testing.assert_allclose(got["boxes"], want["boxes"].numpy(), rtol=0, atol=1e-4 * max(scale, 1.0),
-                               err_msg=where)
+    """The same detections: equal counts, and a one-to-one pairing with equal labels, scores to
+    1e-4 and boxes to 1e-4 of the image. Paired in order where the order is decided: detections
+    whose scores differ by less than the two runtimes' float noise (up to ~1e-5 for the
+    MobileNets) may come in either order."""
+    want_boxes, want_scores, want_labels = (want[k].numpy() for k in ("boxes", "scores", "labels"))
+    assert len(got["scores"]) == len(want_scores), where
+    assert np.all(np.diff(got["scores"]) <= 0), f"{where}: scores not in descending order"
+    tolerance = 1e-4 * max(float(np.abs(want_boxes).max()) if len(want_boxes) else 1.0, 1.0)
+    unpaired = np.ones(len(want_scores), dtype=bool)
+    for i in range(len(got["scores"])):
+        fits = (unpaired & (want_labels == got["labels"][i]) & (np.abs(want_scores - got["scores"][i]) <= 1e-4)
+                & (np.abs(want_boxes - got["boxes"][i]).max(axis=1) <= tolerance))
+        assert fits.any(), (f"{where}: detection {i} (label {got['labels'][i]}, score {got['scores'][i]:.6f}, "
+                            f"box {got['boxes'][i]}) has no counterpart; PyTorch's #{i}: label {want_labels[i]}, "
+                            f"score {want_scores[i]:.6f}, box {want_boxes[i]}")
+        j = i if fits[i] else int(np.flatnonzero(fits)[0])
+        unpaired[j] = False
 
 
 def _onnx_detections(outputs: dict[str, np.ndarray], sizes: torch.Tensor) -> list[dict[str, np.ndarray]]:
@@ -103,12 +142,12 @@ def _export_both(model, cfg, classes, folder: Path, exporter: str = "dynamo") ->
 
 
 def _check_preset(model, cfg, classes, files: tuple[Path, Path], images: list[torch.Tensor]) -> None:
-    """Both graphs of one model against PyTorch on ``images`` (batch 1, then the rest, in one
+    """Both graphs of one model against PyTorch on ``images`` (batch 1, then all of them, in one
     session each): raw outputs to 1e-4, detections equal to the project's (``Detector``)."""
     detector = Detector(model, cfg, classes)
     batch, sizes = detector.preprocess(images)  # uint8 (B, 3, S, S): the evaluation's resize
     want = detector.predict_tensors(images)  # PyTorch: boxes in pixels of the original images
-    chunks = [slice(0, 1), slice(1, len(images))]  # batch 1 and batch B - 1: one graph, both sizes
+    chunks = [slice(0, 1), slice(0, len(images))]  # batch 1 and batch B through one session
 
     with_nms = onnx_session(files[0])
     assert [o.name for o in with_nms.get_outputs()] == list(NMS_OUTPUTS)
@@ -208,10 +247,12 @@ def test_postprocess_outputs_equals_the_projects_postprocess(params):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # reads the shared VOC-mini (synthetic images without it)
 def test_tiny_onnx_equals_pytorch_on_real_images(tiny):
-    _check_preset(tiny.model, tiny.cfg, tiny.classes, tiny.files, _real_images(4))
+    _check_preset(tiny.model, tiny.cfg, tiny.classes, tiny.files, _real_images(3))
 
 
+@pytest.mark.integration  # reads the shared VOC-mini (synthetic images without it)
 def test_torchscript_exporter_gives_the_same_graph_outputs(tmp_path):
     model, cfg, classes = _model("tiny", classes=6)
     files = _export_both(model, cfg, classes, tmp_path, exporter="torchscript")
@@ -219,6 +260,7 @@ def test_torchscript_exporter_gives_the_same_graph_outputs(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_onnx_equals_pytorch_on_real_images(preset, tmp_path):
     model, cfg, classes = _model(preset)
