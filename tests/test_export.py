@@ -296,6 +296,33 @@ def test_check_refuses_a_file_that_does_not_match_the_model(tiny):
         check_onnx(with_nms, other, tiny.cfg)
 
 
+def test_check_pairs_detections_up_to_float_noise_only():
+    from ssd.export import _pair_detections
+
+    want = {"boxes": np.array([[0, 0, 1, 1], [0, 0, 0.5, 0.5], [0.2, 0.2, 0.4, 0.4]], np.float32),
+            "scores": np.array([0.9, 0.50001, 0.1], np.float32), "labels": np.array([1, 2, 3])}
+    # the first two 1e-5 apart, listed in the other order (the runtimes' float noise): the same;
+    # each paired with its counterpart (not skipped: that is only for the last place)
+    near = {"boxes": want["boxes"], "scores": np.array([0.90001, 0.9, 0.1], np.float32), "labels": want["labels"]}
+    swapped = {k: v[[1, 0, 2]] for k, v in near.items()}
+    assert _pair_detections(swapped, near, "x") == (0.0, 0.0)
+    swapped["boxes"] = swapped["boxes"] + np.float32(5e-5)
+    assert _pair_detections(swapped, near, "x")[0] == pytest.approx(5e-5, abs=1e-7)
+    # a different label, a score off by 1e-3, a box off by 1e-3: refused
+    for key, index, value in (("labels", 0, 4), ("scores", 0, 0.901), ("boxes", (0, 2), 1.001)):
+        other = {k: v.copy() for k, v in want.items()}
+        other[key][index] = value
+        with pytest.raises(OnnxMismatch, match="detection 0"):
+            _pair_detections(other, want, "x")
+    # the last place differs only when its score is within noise of the cut
+    tail = {k: v.copy() for k, v in want.items()}
+    tail["labels"][2] = 5
+    _pair_detections(tail, want, "x")
+    tail["scores"][2] = 0.2
+    with pytest.raises(OnnxMismatch, match="detection 2"):
+        _pair_detections(tail, want, "x")
+
+
 def test_soft_nms_exports_only_without_nms():
     cfg = load_config("tiny", ["postprocess.method=soft_gaussian"])
     model = build_model(cfg)
