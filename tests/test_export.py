@@ -367,6 +367,7 @@ def test_cli_refuses_a_mismatching_file(tiny_checkpoint, tmp_path, monkeypatch):
         _export("--model", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx"), "--no-nms")
     message = str(raised.value.code)
     assert message.startswith("error:") and "does not match PyTorch" in message and "\n" not in message
+    assert not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.integration
