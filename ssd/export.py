@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ssd.boxes import decode
 from ssd.checkpoint import unwrap
 from ssd.config import Config
 from ssd.transforms import BGR_CONVENTIONS, _normalize_constants
@@ -183,18 +184,12 @@ class ExportableSSD(nn.Module):
             x = x.flip(1)
         loc, logits = self.model((x - self.shift) * self.scale)
         scores = logits.float().softmax(dim=-1)[..., 1:]  # (B, P, C) foreground
-        boxes = self._decode(loc.float()).clamp(0.0, 1.0)  # (B, P, 4) xyxy in [0, 1]
+        # ssd.boxes.decode broadcasts the (P, 4) priors against (B, P, 4): no shape in the graph
+        # depends on the example batch
+        boxes = decode(loc.float(), self.priors, self.variances).clamp(0.0, 1.0)  # (B, P, 4) xyxy
         if not self.nms:
             return boxes, scores
         return self._detections(boxes, scores)
-
-    def _decode(self, loc: Tensor) -> Tensor:
-        """``ssd.boxes.decode`` written out: the priors (P, 4) broadcast against (B, P, 4), so
-        no shape in the graph depends on the example batch."""
-        priors = self.priors
-        centre = priors[:, :2] + loc[..., :2] * self.variances[0] * priors[:, 2:]
-        size = priors[:, 2:] * torch.exp(loc[..., 2:] * self.variances[1])
-        return torch.cat((centre - size / 2, centre + size / 2), dim=-1)
 
     def _detections(self, boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         params = self.params
