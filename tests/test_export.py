@@ -282,6 +282,58 @@ def test_metadata_lets_a_user_without_the_project_run_it(tiny):
         assert ("postprocess_outputs" in meta["ssd.outputs"]) == (not nms)
 
 
+def test_a_user_without_the_project_gets_the_same_detections(tiny, tmp_path):
+    """onnxruntime, numpy and a copy of ssd/onnx_postprocess.py, in a process where ``import ssd``
+    fails: everything else comes from the file's metadata."""
+    import shutil
+    import subprocess
+    import sys
+
+    detector = Detector(tiny.model, tiny.cfg, tiny.classes)
+    images = _real_images(2)
+    batch, sizes = detector.preprocess(images)
+    np.save(tmp_path / "batch.npy", batch.numpy())
+    np.save(tmp_path / "sizes.npy", sizes.numpy())
+    shutil.copy(REPO / "ssd" / "onnx_postprocess.py", tmp_path / "onnx_postprocess.py")
+    (tmp_path / "use.py").write_text(f"""
+import json, sys
+sys.modules["ssd"] = None  # the project's code is not there
+import numpy as np, onnxruntime as ort
+from onnx_postprocess import postprocess_outputs
+results = {{}}
+for name in ("nms", "raw"):
+    session = ort.InferenceSession({str(tiny.files[0].parent)!r} + f"/{{name}}.onnx")
+    meta = session.get_modelmeta().custom_metadata_map
+    classes, size = json.loads(meta["ssd.classes"]), int(meta["ssd.input_size"])
+    batch, sizes = np.load("batch.npy"), np.load("sizes.npy")
+    assert batch.shape[1:] == (3, size, size) and batch.dtype == np.uint8
+    outputs = session.run(None, {{"images": batch}})
+    if meta["ssd.nms"] == "in-graph":
+        count, boxes, scores, labels = outputs
+        dets = [{{"boxes": boxes[i, :count[i]] * np.array([w, h, w, h], np.float32), "scores": scores[i, :count[i]],
+                  "labels": labels[i, :count[i]]}} for i, (h, w) in enumerate(sizes)]
+    else:
+        dets = postprocess_outputs(*outputs, score_threshold=float(meta["ssd.score_threshold"]),
+                                   nms_iou=float(meta["ssd.nms_iou"]), pre_nms_top_k=int(meta["ssd.pre_nms_top_k"]),
+                                   top_k=int(meta["ssd.top_k"]), image_sizes=sizes)
+    results[name] = [{{"boxes": d["boxes"].tolist(), "scores": d["scores"].tolist(),
+                       "classes": [classes[k - 1] for k in d["labels"]]}} for d in dets]
+print(json.dumps(results))
+""")
+    # -E: no PYTHONPATH (the checkout); the venv's editable install is blocked inside the script
+    run = subprocess.run([sys.executable, "-E", "use.py"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout)
+    want = detector.predict_tensors(images)
+    for name in ("nms", "raw"):
+        for i, (g, w) in enumerate(zip(results[name], want)):
+            labels = np.array([tiny.classes.index(c) + 1 for c in g["classes"]])
+            got = {"boxes": np.array(g["boxes"], np.float32).reshape(-1, 4),
+                   "scores": np.array(g["scores"], np.float32), "labels": labels}
+            _assert_same_detections(got, w, f"{name}, image {i}")
+
+
 def test_check_refuses_a_file_that_does_not_match_the_model(tiny):
     with_nms, raw = tiny.files
     assert check_onnx(raw, tiny.model, tiny.cfg).max_score_diff <= 1e-4
