@@ -393,3 +393,36 @@ def log_evaluation(result: dict[str, Any], metrics: dict[str, float], resolved: 
     logging.getLogger(__name__).info("logged the evaluation as MLflow run %s (experiment %s) at %s", run_id,
                                      experiment, tracking_uri)
     return run_id
+
+
+def log_version_artifact(
+    tracking_uri: str,
+    name: str,
+    version: str,
+    local_path: str | Path,
+    artifact_path: str,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Log a file to the run a registered model version came from, and tag the version.
+
+    The file goes to ``<artifact_path>/<file name>`` of the version's run (its ``run_id``);
+    the version gets ``tags`` plus ``<artifact_path>/uri`` = ``runs:/RUN_ID/<artifact_path>/<file
+    name>``, so that the version says where its derived artifact is (e.g. an ONNX export).
+
+    Returns:
+        that ``runs:/`` URI.
+    Raises:
+        ModelReferenceError: no such version, or one without a run to log to.
+        Any MLflow failure of the upload or the tags.
+    """
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    found = model_version(client, f"models:/{name}/{version}")
+    run_id = getattr(found, "run_id", None)
+    if not run_id:
+        raise ModelReferenceError(f"models:/{name}/{version} has no run to log {Path(local_path).name} to")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client.log_artifact(run_id, str(local_path), artifact_path)
+    uri = f"runs:/{run_id}/{artifact_path}/{Path(local_path).name}"
+    for key, value in {**(tags or {}), f"{artifact_path}/uri": uri}.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+    return uri
