@@ -65,14 +65,16 @@ _RAY_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A private local Ray cluster for the module (what the jobs attach to)."""
+def ray_cluster(s3_server):
+    """A private local Ray cluster for the module (what the jobs attach to). Its processes get
+    the AWS variables of ``s3_server``, as a user's cluster gets the user's: set before it starts."""
     import ray
 
     from ssd.distributed.cluster import connect
     from ssd.distributed.ray_internals import reload_settings
 
-    saved = {k: os.environ.get(k) for k in _RAY_VARIABLES}
+    saved = {k: os.environ.get(k) for k in (*_RAY_VARIABLES, *s3_server.env)}
+    os.environ.update(s3_server.env)
     connect("local", num_cpus=2, quiet=True)
     try:
         yield ray.cluster_resources()
@@ -344,11 +346,9 @@ def test_shards_in_equal_files_in_and_score_by_image_id(ray_cluster, tiny_checkp
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_s3_in_and_out(ray_cluster, s3_server, tiny_checkpoint, folder, tmp_path, monkeypatch):
+def test_s3_in_and_out(ray_cluster, s3_server, tiny_checkpoint, folder, tmp_path):
     """Images under an s3:// prefix (a real S3-compatible server), outputs to another prefix:
     the same tables as from the local folder."""
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
     files = sorted(folder.glob("*.jpg"))[:4]
     for path in files:
         s3_server.client.upload_file(str(path), s3_server.bucket, f"in/{path.name}")
@@ -372,13 +372,13 @@ def test_s3_in_and_out(ray_cluster, s3_server, tiny_checkpoint, folder, tmp_path
 @pytest.mark.skipif(not VOC_MINI.is_dir(), reason="needs the VOC-mini dataset")
 @pytest.mark.timeout(600)
 def test_voc_mini_scores_like_evaluate(ray_cluster, tiny_checkpoint, tmp_path):
-    """Real VOC2007 images and annotations: 40 of the test set's images plus 8 that are not in
-    it; scored == pipelines/evaluate.py on shards converted from those 40 annotations."""
+    """Real VOC2007 images and annotations: 24 of the test set's images plus 4 that are not in
+    it; scored == pipelines/evaluate.py on shards converted from those 24 annotations."""
     from ssd.data.convert import convert
     from ssd.data.voc import VocReader
 
-    test_ids = (VOC_MINI / "ImageSets" / "Main" / "test.txt").read_text().split()[:40]
-    other = sorted({p.stem for p in (VOC_MINI / "JPEGImages").glob("*.jpg")} - set(test_ids))[:8]
+    test_ids = (VOC_MINI / "ImageSets" / "Main" / "test.txt").read_text().split()[:24]
+    other = sorted({p.stem for p in (VOC_MINI / "JPEGImages").glob("*.jpg")} - set(test_ids))[:4]
     devkit = tmp_path / "VOCdevkit" / "VOC2007"
     (devkit / "ImageSets" / "Main").mkdir(parents=True)
     (devkit / "ImageSets" / "Main" / "test.txt").write_text("".join(f"{i}\n" for i in test_ids))
@@ -400,11 +400,11 @@ def test_voc_mini_scores_like_evaluate(ray_cluster, tiny_checkpoint, tmp_path):
                             classes=list(VOC_CLASSES))
     convert(VocReader(devkit.parent, "2007:test"), tmp_path / "shards", workers=0, progress=False, log=lambda _: None)
     summary = _predict("--model", str(model), "--images", str(devkit / "JPEGImages"), "--out", str(tmp_path / "out"),
-                       "--annotations", str(devkit), "--actors", "2")
+                       "--annotations", str(devkit))
     evaluated = evaluate_cli.main(evaluate_cli.get_args_parser().parse_args(
         ["--model", str(model), "--data", str(tmp_path / "shards"), "--device", "cpu"]))
     scoring = summary["scoring"]
-    assert scoring["scored"] == evaluated["images"] == 40 and len(scoring["not_annotated"]) == 8
+    assert scoring["scored"] == evaluated["images"] == 24 and len(scoring["not_annotated"]) == 4
     _assert_same_metrics(scoring["metrics"], evaluated)
     assert scoring["metrics"]["VOC07"]["mAP"] == pytest.approx(evaluated["VOC07"]["mAP"], abs=1e-9)
 

@@ -17,13 +17,14 @@ forever. Their torch threads stay ``cpus_per_actor``.
 
 The cluster is the one ``ssd.distributed.cluster`` picks (``--address``, the ``make up`` head, or
 a private loopback cluster with token auth); the model is loaded by the driver (a bad reference
-fails before Ray starts) and reaches the actors through the object store.
+fails before Ray starts) and reaches the actors through the object store. ``s3://`` images are
+read by the tasks with the AWS settings of the cluster's processes (``ssd.storage``: a private
+cluster inherits this process's; a running cluster has its own, as for Ray Train's storage).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any
 
@@ -38,9 +39,6 @@ from ssd.jobs.common import JobError
 
 #: CPUs a decode task reserves (and what stays free for them when actors would take every CPU)
 DECODE_CPUS = 0.5
-#: AWS variables handed to the tasks of a private cluster started before they were set (s3://)
-AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 class _DetectorActor:
@@ -74,7 +72,7 @@ def actor_cpus(cluster_cpus: float, actors: int, cpus_per_actor: float, gpu: boo
     return share
 
 
-def build_dataset(batch: ResolvedBatch, resources: dict[str, float], forward_env: dict[str, str]) -> Any:
+def build_dataset(batch: ResolvedBatch, resources: dict[str, float]) -> Any:
     """The Ray Data pipeline of ``batch`` (lazy: it runs as the driver iterates it)."""
     import ray
 
@@ -84,7 +82,6 @@ def build_dataset(batch: ResolvedBatch, resources: dict[str, float], forward_env
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the job prints its own progress lines
     context.execution_options.preserve_order = False  # the driver sorts by index
-    extra: dict[str, Any] = {"runtime_env": {"env_vars": forward_env}} if forward_env else {}
     if source.kind == "files":
         rows = [{"index": i, "path": path, "image_id": -1} for i, path in enumerate(source.files)]
         # several blocks per actor, so that decoding overlaps the forward passes
@@ -94,9 +91,9 @@ def build_dataset(batch: ResolvedBatch, resources: dict[str, float], forward_env
         offsets = [sum(source.shard_counts[:i]) for i in range(len(source.shard_urls))]
         shards = [{"url": url, "offset": offset} for url, offset in zip(source.shard_urls, offsets, strict=True)]
         dataset = ray.data.from_items(shards, override_num_blocks=len(shards)).flat_map(
-            shard_rows, num_cpus=DECODE_CPUS, **extra)
+            shard_rows, num_cpus=DECODE_CPUS)
     dataset = dataset.map_batches(prepare_batch, batch_size=request.batch_size, fn_kwargs={"cfg": batch.config},
-                                  num_cpus=DECODE_CPUS, batch_format="numpy", **extra)
+                                  num_cpus=DECODE_CPUS, batch_format="numpy")
     parts = [ray.put((batch.config, batch.classes, batch.state))]
     cpus = actor_cpus(resources.get("CPU", 0.0), request.actors, request.cpus_per_actor, request.gpu)
     return dataset.map_batches(
@@ -104,7 +101,7 @@ def build_dataset(batch: ResolvedBatch, resources: dict[str, float], forward_env
         compute=ray.data.ActorPoolStrategy(size=request.actors),
         num_cpus=cpus, num_gpus=1 if request.gpu else 0,
         fn_constructor_kwargs={"parts": parts, "device": "cuda" if request.gpu else "cpu",
-                               "threads": max(1, int(request.cpus_per_actor))}, **extra)
+                               "threads": max(1, int(request.cpus_per_actor))})
 
 
 def run_batch_predict_job(request: BatchPredictRequest) -> dict[str, Any]:
@@ -120,7 +117,7 @@ def run_batch_predict_job(request: BatchPredictRequest) -> dict[str, Any]:
           f"{request.batch_size}", flush=True)
     started = time.perf_counter()
     try:
-        target = connect(request.address)
+        connect(request.address)
     except (ClusterAddressError, ConnectionError) as err:
         raise JobError(str(err)) from None
     import ray
@@ -130,9 +127,7 @@ def run_batch_predict_job(request: BatchPredictRequest) -> dict[str, Any]:
     if request.gpu and resources.get("GPU", 0.0) < request.actors:
         raise JobError(f"{request.actors} GPU actors need {request.actors} GPUs, but the Ray cluster has "
                        f"{resources.get('GPU', 0.0):g}; lower --actors or run on the CPU (no --gpu)")
-    # a private cluster may have started before the variables were set (s3:// in and out)
-    forward = {k: os.environ[k] for k in AWS_VARIABLES if k in os.environ} if target.starts_cluster else {}
-    dataset = build_dataset(batch, resources, forward)
+    dataset = build_dataset(batch, resources)
     progress = Progress(batch.source.total)
     results = []
     started = time.perf_counter()
