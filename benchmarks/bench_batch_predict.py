@@ -26,6 +26,7 @@ boxes within 1e-4 (the largest differences are written to the JSON). Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -80,7 +81,8 @@ def in_process_single(checkpoint: Path, files: list[Path], out: Path) -> float:
     args = module.get_args_parser().parse_args(
         ["--model", str(checkpoint), *map(str, files), "--out", str(out), "--no-draw", "--device", "cpu"])
     start = time.perf_counter()
-    module.main(args)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # its line per image
+        module.main(args)
     return time.perf_counter() - start
 
 
