@@ -1,8 +1,13 @@
-"""Detect objects in image files with a trained or registered SSD; write JSON and drawn images.
+"""Detect objects in image files with a trained or registered SSD; write JSON and drawn images,
+or, with ``--images``, run it over a bucket of images on Ray Data and write Parquet.
 
     python pipelines/predict.py --model models:/ssd-voc@champion photos/ --out predictions/
     python pipelines/predict.py --model models:/ssd-voc/3 a.jpg b.png --out out/ --no-draw
     python pipelines/predict.py --model runs/exp/checkpoints/best a.jpg --out out/ --device cpu
+    python pipelines/predict.py --model models:/ssd-voc@champion --images s3://bucket/photos --out s3://bucket/dets \
+        --actors 4 --gpu --batch-size 64 --draw 20
+    python pipelines/predict.py --model models:/ssd-voc@champion --images VOCdevkit/VOC2007/JPEGImages \
+        --out dets/ --annotations VOCdevkit/VOC2007 --image-set test
 
 ``--model`` is a model reference (``ssd.registry``): ``models:/NAME@ALIAS``,
 ``models:/NAME/VERSION``, ``runs:/RUN_ID/model``, ``models:/m-...``, or a checkpoint folder.
@@ -30,6 +35,23 @@ Writes into ``--out``:
 Prints one line per image on stdout. An input that is missing or cannot be decoded stops the run
 with an error naming the file (exit status 1); nothing is written then but the drawn images of
 the images before it.
+
+Batch inference (``--images DIR|s3://PREFIX|SHARDS``, instead of the positional inputs): the
+image files directly in a folder or under an ``s3://`` prefix (same endings as above), or a shard
+set of ``pipelines/make_shards.py`` (a folder or prefix holding ``dataset.json``), read, decoded
+and resized in Ray Data CPU tasks and detected by a pool of ``--actors`` actors (``--gpu``: one
+GPU each; ``--batch-size`` images per forward), decoded exactly as above, so the detections are
+those of the single-process mode. Ray: ``--address`` / ``$RAY_ADDRESS``, else the ``make up``
+head, else a private local cluster (loopback only, token auth; ``ssd.distributed.cluster``).
+``--out`` (a folder or an ``s3://`` prefix) gets ``detections.parquet`` (one row per detection:
+``path, label, class_name, score, x1, y1, x2, y2`` in original pixels), ``images.parquet`` (one
+row per image: ``path, image_id, width, height, detections, error``), ``summary.json`` and, with
+``--draw N``, ``drawn/`` with the first N images drawn. Progress lines give images/s and the ETA.
+An unreadable image does not stop the run: it is a row of ``images.parquet`` with its error,
+listed and counted in the summary. ``--annotations`` (a COCO instances JSON, or a VOC layout
+``VOCdevkit/VOC2007`` with ``--image-set``, default ``test``) also prints the COCO AP suite (and
+the VOC07 mAP for VOC) of the written detections, as ``pipelines/evaluate.py`` computes it;
+inputs without an annotation are not scored, and counted (``ssd.evaluation.bucket``).
 """
 
 from __future__ import annotations
@@ -53,9 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint folder")
-    p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS",
+    p.add_argument("inputs", nargs="*", metavar="IMAGES_OR_FOLDERS",
                    help="image files, and folders whose image files (jpg, jpeg, png, bmp, webp) are used")
-    p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    p.add_argument("--out", required=True, help="output folder (created); with --images also s3://PREFIX")
     p.add_argument("--mlflow-uri", help="tracking/registry URI (default $MLFLOW_TRACKING_URI, else the local "
                                         "SQLite store)")
     p.add_argument("--score-threshold", type=float, default=0.3,
@@ -65,6 +87,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where the network runs (default: cuda if available, else cpu)")
     p.add_argument("--no-draw", action="store_true", help="write detections.json only")
+    batch = p.add_argument_group("batch inference on Ray Data (instead of IMAGES_OR_FOLDERS)")
+    batch.add_argument("--images", metavar="DIR|s3://PREFIX|SHARDS",
+                       help="the image files in a folder or under an s3:// prefix, or a shard set (dataset.json)")
+    batch.add_argument("--actors", type=int, default=1, help="model actors (default 1)")
+    batch.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (torch threads) per actor (default 1)")
+    batch.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    batch.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else the `make up` head, "
+                       "else a private local cluster; 'local' always starts a private one)")
+    batch.add_argument("--draw", type=int, default=0, metavar="N", help="also draw the first N images (default 0)")
+    batch.add_argument("--annotations", metavar="COCO_JSON|VOC_DIR",
+                       help="score the detections against a COCO instances JSON or a VOC layout (VOCdevkit/VOC2007)")
+    batch.add_argument("--image-set", help="the VOC image set of --annotations (default test)")
     return p
 
 
@@ -151,9 +185,15 @@ def _output_names(files: list[Path]) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the detector over the inputs; write ``detections.json`` (and drawn images)."""
+    """Run the detector over the inputs; write ``detections.json`` (and drawn images). With
+    ``--images``: the batch job on Ray Data (``ssd.distributed.batch_predict``); its summary."""
+    if args.images is not None:
+        return main_batch(args)
+    if not args.inputs:
+        raise SystemExit("error: give image files or folders, or --images DIR|s3://PREFIX|SHARDS")
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
+    args.out = Path(args.out)
     files = expand_inputs(args.inputs)
     device = pick_device(args.device)
 
@@ -212,6 +252,19 @@ def _image_record(args: argparse.Namespace, detector: Any, path: Path, image: An
           f" of {len(detections)}" + (f": {top}" if top else "")
           + (f" (+{len(shown) - 5} more)" if len(shown) > 5 else ""), flush=True)
     return {"file": str(path), "width": int(width), "height": int(height), "drawn": drawn, "detections": detections}
+
+
+def main_batch(args: argparse.Namespace) -> dict[str, Any]:
+    """``--images``: batch inference on Ray Data; prints progress and the summary, returns it."""
+    if args.inputs:
+        raise SystemExit(f"error: give --images or image files/folders, not both (got {args.inputs[0]!r} too)")
+    if args.device is not None:
+        raise SystemExit("error: --device is for image files; with --images, --gpu puts the actors on GPUs")
+    from ssd.distributed.batch_predict import run_batch_predict_job
+    from ssd.jobs.batch_predict import BatchPredictRequest
+    from ssd.jobs.common import request_from_args, run_from_cli
+
+    return run_from_cli(run_batch_predict_job, request_from_args(BatchPredictRequest, args), None)
 
 
 if __name__ == "__main__":
