@@ -8,6 +8,7 @@ most of the time here. The jobs run in this process (``predict.main``), as a use
 
 from __future__ import annotations
 
+import builtins
 import importlib.util
 import json
 import os
@@ -73,13 +74,18 @@ def ray_cluster(s3_server):
     from ssd.distributed.cluster import connect
     from ssd.distributed.ray_internals import reload_settings
 
-    saved = {k: os.environ.get(k) for k in (*_RAY_VARIABLES, *s3_server.env)}
+    saved = {k: os.environ.get(k) for k in (*_RAY_VARIABLES, "RAY_TQDM_PATCH_PRINT", *s3_server.env)}
     os.environ.update(s3_server.env)
+    original_print = builtins.print
     connect("local", num_cpus=2, quiet=True)
     try:
         yield ray.cluster_resources()
     finally:
         ray.shutdown()
+        # the jobs ran in this process: Ray Data must not have left its print in place
+        # (it did before RAY_TQDM_PATCH_PRINT=0, breaking a later test's pickle of print)
+        patched, builtins.print = builtins.print, original_print
+        assert patched is original_print, f"builtins.print left replaced by {patched!r}"
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

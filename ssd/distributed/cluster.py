@@ -180,6 +180,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     if ray.is_initialized():
         return target
     kwargs: dict = {"logging_level": "WARNING", "log_to_driver": True}
+    # The first worker log line printed on this driver creates Ray's tqdm_ray bar manager,
+    # which replaces builtins.print for the rest of the process unless this is 0; our jobs print
+    # their own progress, and a process that goes on after a job (a notebook, the test suite)
+    # would keep a foreign print (it even ends up in pickles of ``print``).
+    os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
     if target.starts_cluster:
         env, temp_dir = _private_environment()
         # The dashboard stays: Ray Train's placement-group cleaner queries it (State API). It
