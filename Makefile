@@ -22,7 +22,7 @@ demo: venv
 quickstart: venv
 	$(PY) pipelines/quickstart.py
 
-## test: the whole test suite (CPU; 15-17 minutes on 2 cores, most of it real Ray/MLflow runs)
+## test: the whole test suite (CPU; about 24 minutes on 2 cores, most of it real Ray/MLflow runs)
 test: venv
 	$(PY) -m pytest -q
 
