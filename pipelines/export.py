@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -65,16 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def resolve(reference: str, mlflow_uri: str | None, dst: Path) -> tuple[Any, str | None]:
     """``ssd.registry.resolve_model`` with errors as ``SystemExit("error: ...")``; also the
     tracking URI used (None for a checkpoint folder)."""
-    from ssd.registry import ModelReferenceError, is_model_uri, resolve_model
+    from ssd.registry import ModelReferenceError, registry_uri_for, resolve_model
 
-    tracking_uri = None
-    if is_model_uri(reference):
-        from ssd.tracking import resolve_tracking_uri
-
-        tracking_uri = resolve_tracking_uri(mlflow_uri)
-        # fail in seconds, not minutes of retries, when the server is unreachable
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    tracking_uri = registry_uri_for(reference, mlflow_uri)
     try:
         return resolve_model(reference, tracking_uri, dst=dst), tracking_uri
     except ModelReferenceError as err:

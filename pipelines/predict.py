@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -130,16 +129,9 @@ def pick_device(requested: str | None) -> str:
 
 def resolve(reference: str, mlflow_uri: str | None, dst: Path) -> Any:
     """``ssd.registry.resolve_model`` with errors as ``SystemExit("error: ...")``."""
-    from ssd.registry import ModelReferenceError, is_model_uri, resolve_model
+    from ssd.registry import ModelReferenceError, registry_uri_for, resolve_model
 
-    tracking_uri = None
-    if is_model_uri(reference):
-        from ssd.tracking import resolve_tracking_uri
-
-        tracking_uri = resolve_tracking_uri(mlflow_uri)
-        # fail in seconds, not minutes of retries, when the server is unreachable
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    tracking_uri = registry_uri_for(reference, mlflow_uri)
     try:
         return resolve_model(reference, tracking_uri, dst=dst)
     except ModelReferenceError as err:

@@ -112,6 +112,20 @@ def registered_version(reference: str, tracking_uri: str | None = None) -> str:
     return str(version.version)
 
 
+def registry_uri_for(reference: str, mlflow_uri: str | None) -> str | None:
+    """The tracking URI to look ``reference`` up at (``mlflow_uri``, else ``$MLFLOW_TRACKING_URI``,
+    else the local store; ``ssd.tracking.resolve_tracking_uri``), or None for a checkpoint folder.
+    For a registry reference, MLflow's HTTP retries are capped (unless set) so that an
+    unreachable server fails in seconds, not minutes."""
+    if not is_model_uri(reference):
+        return None
+    from ssd.tracking import resolve_tracking_uri
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    return resolve_tracking_uri(mlflow_uri)
+
+
 def resolve_model(reference: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> ResolvedModel:
     """A checkpoint directory or an MLflow model reference -> :class:`ResolvedModel`.
 

@@ -21,7 +21,6 @@ hands the per-image results back to :func:`finish_batch`, which writes the outpu
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -105,17 +104,10 @@ def resolve_model(reference: str, mlflow_uri: str | None) -> tuple[Any, Any]:
     """(``ssd.registry.ResolvedModel``, ``ssd.checkpoint.Checkpoint``) of ``reference``; a
     registered model's checkpoint is downloaded to a temporary folder and read from it."""
     from ssd.checkpoint import load_checkpoint
-    from ssd.registry import ModelReferenceError, is_model_uri
+    from ssd.registry import ModelReferenceError, registry_uri_for
     from ssd.registry import resolve_model as resolve
 
-    tracking_uri = None
-    if is_model_uri(reference):
-        from ssd.tracking import resolve_tracking_uri
-
-        tracking_uri = resolve_tracking_uri(mlflow_uri)
-        # fail in seconds, not minutes of retries, when the server is unreachable
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    tracking_uri = registry_uri_for(reference, mlflow_uri)
     with tempfile.TemporaryDirectory(prefix="ssd-batch-predict-") as tmp:
         try:
             resolved = resolve(reference, tracking_uri, dst=tmp)

@@ -6,7 +6,6 @@ the registry, the endpoint's settings, where it listens. ``ssd.distributed.serve
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,16 +99,11 @@ def resolve_serve(request: ServeRequest) -> ResolvedServe:
     be a checkpoint (``meta.json``).
     """
     _check_numbers(request)
-    from ssd.registry import ModelReferenceError, is_model_uri, parse_registered
+    from ssd.registry import ModelReferenceError, is_model_uri, parse_registered, registry_uri_for
 
-    tracking_uri, version = None, None
-    if is_model_uri(request.model):
-        from ssd.tracking import resolve_tracking_uri
-
-        tracking_uri = resolve_tracking_uri(request.mlflow_uri)
-        # fail in seconds, not minutes of retries, when the server is unreachable
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    version = None
+    tracking_uri = registry_uri_for(request.model, request.mlflow_uri)
+    if tracking_uri is not None:
         if parse_registered(request.model) is not None:
             from ssd.registry import registered_version
 
